@@ -1,0 +1,354 @@
+"""Checkpoint interchange with Hugging Face transformers' DebertaV2 (and the official layout).
+
+`load_pretrained(path) -> (model_config, params)` reads a HF DebertaV2 directory (config.json with
+model.safetensors, or pytorch_model.bin when torch is installed), including the RTD head
+(`mask_predictions.*`) and the MLM head (`lm_predictions.*`, or the legacy `cls.predictions.*`).
+`save_pretrained(path, model_config, params)` writes the reverse. The parameter tree is ours
+(`embeddings`, `encoder`, optional `lm_head` / `mask_predictions`), so the discriminator,
+generator and backbone all go through the same two functions.
+
+Linear kernels are stored transposed in torch ([out, in]); the vocabulary rows that pad the
+embedding to a shardable size exist only on our side and are stripped on save, re-added on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from deberta_jax.models.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_FILE = "pytorch_model.bin"
+SPM_FILE = "spm.model"
+
+# (torch module path, our module path) for modules with weight/bias; `{i}` is a layer index.
+_LINEAR = [
+    ("encoder.layer.{i}.attention.self.query_proj", "encoder/layer_{i}/attention/query_proj"),
+    ("encoder.layer.{i}.attention.self.key_proj", "encoder/layer_{i}/attention/key_proj"),
+    ("encoder.layer.{i}.attention.self.value_proj", "encoder/layer_{i}/attention/value_proj"),
+    ("encoder.layer.{i}.attention.output.dense", "encoder/layer_{i}/attention_output"),
+    ("encoder.layer.{i}.intermediate.dense", "encoder/layer_{i}/intermediate"),
+    ("encoder.layer.{i}.output.dense", "encoder/layer_{i}/output"),
+]
+_NORM = [
+    ("embeddings.LayerNorm", "embeddings/LayerNorm"),
+    ("encoder.LayerNorm", "encoder/LayerNorm"),
+    ("encoder.layer.{i}.attention.output.LayerNorm", "encoder/layer_{i}/attention_LayerNorm"),
+    ("encoder.layer.{i}.output.LayerNorm", "encoder/layer_{i}/output_LayerNorm"),
+]
+_TABLES = [
+    ("embeddings.word_embeddings.weight", "embeddings/word_embeddings"),
+    ("embeddings.position_embeddings.weight", "embeddings/position_embeddings"),
+    ("encoder.rel_embeddings.weight", "encoder/rel_embeddings"),
+]
+_HEADS = {
+    "lm_head": ("lm_predictions.lm_head", [("dense", "dense")], [("LayerNorm", "LayerNorm")]),
+    "legacy_lm_head": ("cls.predictions", [("transform.dense", "dense")],
+                       [("transform.LayerNorm", "LayerNorm")]),
+    "mask_predictions": ("mask_predictions", [("dense", "dense"), ("classifier", "classifier")],
+                         [("LayerNorm", "LayerNorm")]),
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that is missing, unreadable or not a DeBERTaV3 model."""
+
+
+# ----------------------------------------------------------------------------------------- config
+
+def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+  """ModelConfig from a HF config.json dict; refuses architectures this framework does not build."""
+  pos_att = hf.get("pos_att_type") or []
+  if isinstance(pos_att, str):
+    pos_att = [p.strip() for p in pos_att.lower().split("|") if p.strip()]
+  norm_rel = str(hf.get("norm_rel_ebd", "none")).lower()
+  problems = []
+  if hf.get("model_type") not in (None, "deberta-v2"):
+    problems.append(f"model_type={hf.get('model_type')!r} (expected 'deberta-v2')")
+  if not hf.get("relative_attention", False):
+    problems.append("relative_attention is not true")
+  if sorted(pos_att) != ["c2p", "p2c"]:
+    problems.append(f"pos_att_type={pos_att!r} (expected c2p and p2c)")
+  if not hf.get("share_att_key", False):
+    problems.append("share_att_key is not true")
+  if hf.get("position_biased_input", True):
+    problems.append("position_biased_input is not false")
+  if "layer_norm" not in norm_rel:
+    problems.append(f"norm_rel_ebd={norm_rel!r} (expected 'layer_norm')")
+  if hf.get("type_vocab_size", 0):
+    problems.append(f"type_vocab_size={hf.get('type_vocab_size')} (expected 0)")
+  if hf.get("hidden_act", "gelu") != "gelu":
+    problems.append(f"hidden_act={hf.get('hidden_act')!r} (expected 'gelu')")
+  if hf.get("conv_kernel_size", 0):
+    problems.append("conv_kernel_size is set (DeBERTaV2 xlarge-style conv layer)")
+  if hf.get("embedding_size") not in (None, hf.get("hidden_size")):
+    problems.append("embedding_size differs from hidden_size")
+  if hf.get("position_buckets", -1) <= 0:
+    problems.append("position_buckets is not positive")
+  head_size = hf.get("attention_head_size")
+  if head_size is not None and head_size * hf["num_attention_heads"] != hf["hidden_size"]:
+    problems.append(f"attention_head_size={head_size} * heads != hidden_size")
+  if problems:
+    raise CheckpointError("not a DeBERTaV3 configuration: " + "; ".join(problems))
+  return ModelConfig(
+      vocab_size=int(hf["vocab_size"]),
+      hidden_size=int(hf["hidden_size"]),
+      num_layers=int(hf["num_hidden_layers"]),
+      num_heads=int(hf["num_attention_heads"]),
+      intermediate_size=int(hf["intermediate_size"]),
+      max_position_embeddings=int(hf.get("max_position_embeddings", 512)),
+      position_buckets=int(hf["position_buckets"]),
+      max_relative_positions=int(hf.get("max_relative_positions", -1)),
+      layer_norm_eps=float(hf.get("layer_norm_eps", 1e-7)),
+      hidden_dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+      attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
+      initializer_range=float(hf.get("initializer_range", 0.02)),
+  )
+
+
+def config_to_hf(config: ModelConfig, architecture: str, pad_token_id: int = 0) -> dict:
+  """The config.json transformers needs to rebuild exactly this architecture.
+
+  HF only picks up position_buckets, norm_rel_ebd, share_att_key and attention_head_size through
+  getattr, and defaults relative_attention/position_biased_input to the v1 values, so every one
+  of them is written explicitly.
+  """
+  return {
+      "architectures": [architecture],
+      "model_type": "deberta-v2",
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "attention_head_size": config.head_size,
+      "intermediate_size": config.intermediate_size,
+      "hidden_act": "gelu",
+      "hidden_dropout_prob": config.hidden_dropout,
+      "attention_probs_dropout_prob": config.attention_dropout,
+      "max_position_embeddings": config.max_position_embeddings,
+      "type_vocab_size": 0,
+      "initializer_range": config.initializer_range,
+      "layer_norm_eps": config.layer_norm_eps,
+      "relative_attention": True,
+      "max_relative_positions": config.max_relative_positions,
+      "position_buckets": config.position_buckets,
+      "norm_rel_ebd": "layer_norm",
+      "share_att_key": True,
+      "pos_att_type": ["p2c", "c2p"],
+      "position_biased_input": False,
+      "pad_token_id": pad_token_id,
+      "pooler_hidden_size": config.hidden_size,
+      "pooler_dropout": 0,
+      "pooler_hidden_act": "gelu",
+      "legacy": False,
+  }
+
+
+# ------------------------------------------------------------------------------------ weight maps
+
+def _expand(pairs, num_layers):
+  for torch_name, ours in pairs:
+    if "{i}" in torch_name:
+      for i in range(num_layers):
+        yield torch_name.format(i=i), ours.format(i=i)
+    else:
+      yield torch_name, ours
+
+
+def _name_map(num_layers: int) -> list[tuple[str, str, str]]:
+  """(torch key, our flat path, kind) for the backbone; kind says how to convert the array."""
+  out = []
+  for t, o in _expand(_LINEAR, num_layers):
+    out += [(f"{t}.weight", f"{o}/kernel", "linear"), (f"{t}.bias", f"{o}/bias", "copy")]
+  for t, o in _expand(_NORM, num_layers):
+    out += [(f"{t}.weight", f"{o}/scale", "copy"), (f"{t}.bias", f"{o}/bias", "copy")]
+  for t, o in _TABLES:
+    out.append((t, o, "table" if "word" in t else "copy"))
+  return out
+
+
+def _head_map(head: str) -> list[tuple[str, str, str]]:
+  prefix, linears, norms = _HEADS[head]
+  ours = "lm_head" if head == "legacy_lm_head" else head
+  out = []
+  for t, o in linears:
+    out += [(f"{prefix}.{t}.weight", f"{ours}/{o}/kernel", "linear"),
+            (f"{prefix}.{t}.bias", f"{ours}/{o}/bias", "copy")]
+  for t, o in norms:
+    out += [(f"{prefix}.{t}.weight", f"{ours}/{o}/scale", "copy"),
+            (f"{prefix}.{t}.bias", f"{ours}/{o}/bias", "copy")]
+  out.append((f"{prefix}.bias", f"{ours}/bias", "vector"))
+  if head == "mask_predictions":
+    out.pop()  # the RTD head has no output bias vector of vocabulary size
+  return out
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+def _read_state(path: str) -> dict[str, np.ndarray]:
+  st = os.path.join(path, SAFETENSORS_FILE)
+  pt = os.path.join(path, TORCH_FILE)
+  try:
+    if os.path.exists(st):
+      from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+      with safe_open(st, framework="flax") as f:
+        return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    if os.path.exists(pt):
+      try:
+        import torch  # pylint: disable=import-outside-toplevel
+      except ImportError as e:
+        raise CheckpointError(
+            f"{pt}: reading pytorch_model.bin needs torch; convert it to model.safetensors") from e
+      state = torch.load(pt, map_location="cpu", weights_only=True)
+      return {k: v.float().numpy() for k, v in state.items()}
+  except CheckpointError:
+    raise
+  except Exception as e:  # corrupt or truncated file: name it
+    raise CheckpointError(f"cannot read the weights in {path}: {type(e).__name__}: {e}") from e
+  raise CheckpointError(f"{path}: neither {SAFETENSORS_FILE} nor {TORCH_FILE} found")
+
+
+def _normalise_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Strips the model prefix (`deberta.`, or the official code's `bert.`) from backbone keys."""
+  out = {}
+  for key, value in state.items():
+    key = re.sub(r"^(deberta|bert)\.", "", key)
+    out[key] = value
+  return out
+
+
+def _pad_rows(table: np.ndarray, rows: int) -> np.ndarray:
+  if table.shape[0] >= rows:
+    return table
+  return np.concatenate([table, np.zeros((rows - table.shape[0],) + table.shape[1:], table.dtype)])
+
+
+def load_pretrained(path: str) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, params) from a HF DebertaV2 directory; heads included when present.
+
+  The returned params apply directly to `DebertaEncoder` (the heads are ignored there), and to
+  `Discriminator` / `Generator` when the respective head was in the checkpoint.
+  """
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise CheckpointError(f"{config_path} not found: not a Hugging Face model directory")
+  try:
+    with open(config_path) as f:
+      hf_config = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{config_path}: {e}") from e
+  config = config_from_hf(hf_config)
+  state = _normalise_keys(_read_state(path))
+  config = config.replace(position_table="embeddings.position_embeddings.weight" in state)
+
+  names = _name_map(config.num_layers)
+  heads = []
+  if "mask_predictions.dense.weight" in state:
+    heads.append("mask_predictions")
+  if "lm_predictions.lm_head.dense.weight" in state:
+    heads.append("lm_head")
+  elif "cls.predictions.transform.dense.weight" in state:
+    heads.append("legacy_lm_head")
+  for head in heads:
+    names += _head_map(head)
+
+  flat = {}
+  for torch_key, ours, kind in names:
+    if torch_key not in state:
+      if ours == "embeddings/position_embeddings":
+        continue
+      raise CheckpointError(f"{path}: weight {torch_key!r} is missing")
+    value = state[torch_key]
+    if kind == "linear":
+      value = value.T
+    elif kind in ("table", "vector"):
+      value = _pad_rows(value, config.padded_vocab_size)
+    flat[tuple(ours.split("/"))] = np.ascontiguousarray(value, np.float32)
+  _check_shapes(flat, config, path)
+  return config, traverse_util.unflatten_dict(flat)
+
+
+def _check_shapes(flat, config: ModelConfig, path: str):
+  expected = {
+      ("embeddings", "word_embeddings"): (config.padded_vocab_size, config.hidden_size),
+      ("encoder", "rel_embeddings"): (2 * config.position_buckets, config.hidden_size),
+  }
+  for key, shape in expected.items():
+    if flat[key].shape != shape:
+      raise CheckpointError(f"{path}: {'/'.join(key)} has shape {flat[key].shape}, config says {shape}")
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+def save_pretrained(path: str, model_config: ModelConfig, params: Mapping[str, Any],
+                    spm_model: str | None = None, mask_token_id: int | None = None) -> None:
+  """Writes `params` as a HF DebertaV2 directory (config.json, model.safetensors[, spm.model]).
+
+  A tree with `lm_head` is written as DebertaV2ForMaskedLM (non-legacy head, the official key
+  layout); one with `mask_predictions` keeps the RTD head under the official key names, which
+  transformers ignores when it builds a backbone. Tokenizer files are added when `spm_model`
+  names a SentencePiece model.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
+  params = {k: v for k, v in params.items()}
+  flat = {"/".join(k): np.asarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(params).items()}
+  names = _name_map(model_config.num_layers)
+  architecture = "DebertaV2Model"
+  if "lm_head/bias" in flat:
+    names += _head_map("lm_head")
+    architecture = "DebertaV2ForMaskedLM"
+  if "mask_predictions/dense/kernel" in flat:
+    names += _head_map("mask_predictions")
+  state = {}
+  for torch_key, ours, kind in names:
+    if ours not in flat:
+      if ours == "embeddings/position_embeddings":
+        continue
+      raise CheckpointError(f"parameter {ours!r} is missing from the tree being saved")
+    value = flat[ours]
+    if kind == "linear":
+      value = value.T
+    elif kind in ("table", "vector"):
+      value = value[: model_config.vocab_size]
+    prefix = "" if torch_key.startswith(("lm_predictions.", "mask_predictions.")) else "deberta."
+    state[prefix + torch_key] = np.ascontiguousarray(value)
+
+  os.makedirs(path, exist_ok=True)
+  tmp = os.path.join(path, SAFETENSORS_FILE + ".tmp")
+  save_file(state, tmp, metadata={"format": "pt"})
+  os.replace(tmp, os.path.join(path, SAFETENSORS_FILE))
+  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    json.dump(config_to_hf(model_config, architecture), f, indent=2, sort_keys=True)
+  if spm_model:
+    _write_tokenizer(path, spm_model, mask_token_id)
+
+
+def _write_tokenizer(path: str, spm_model: str, mask_token_id: int | None) -> None:
+  """spm.model plus the files DebertaV2Tokenizer reads; [MASK] is an added token after the pieces."""
+  shutil.copyfile(spm_model, os.path.join(path, SPM_FILE))
+  tokenizer_config = {
+      "tokenizer_class": "DebertaV2Tokenizer",
+      "vocab_type": "spm",
+      "do_lower_case": False,
+      "split_by_punct": False,
+      "bos_token": "[CLS]", "eos_token": "[SEP]", "unk_token": "[UNK]", "sep_token": "[SEP]",
+      "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
+  }
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump(tokenizer_config, f, indent=2)
+  special = {k: v for k, v in tokenizer_config.items() if k.endswith("_token")}
+  with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
+    json.dump(special, f, indent=2)
+  if mask_token_id is not None:
+    with open(os.path.join(path, "added_tokens.json"), "w") as f:
+      json.dump({"[MASK]": int(mask_token_id)}, f)

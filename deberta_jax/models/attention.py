@@ -1,0 +1,129 @@
+"""Disentangled self-attention (DeBERTa): content-to-content plus c2p and p2c relative terms.
+
+For query i and key j with relative row r = idx(i, j) (see relative_position.py):
+
+  A[i, j] = s * (Q_i . K_j  +  Q_i . Kr_r  +  Qr_r . K_j),       s = 1 / sqrt(3 d)
+
+with Kr = R Wk + bk and Qr = R Wq + bq (share_att_key: the content projections, biases included,
+applied to the LayerNormed, dropped-out relative table R). Both relative terms use the same index
+idx(i, j), the official code's convention. Scores and softmax are float32 whatever the compute
+dtype; masked probabilities are zeroed so pad rows and columns contribute exactly nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deberta_jax.models import layers
+from deberta_jax.models import relative_position
+from deberta_jax.models.config import ModelConfig
+
+
+def relative_terms_gather(q, k, qr, kr, idx):
+  """c2p + p2c by gathering [L, R] products at idx: the reference formulation.
+
+  q, k: [B, L, n, d] (q pre-scaled); qr (pre-scaled), kr: [R, n, d]; idx: [L, L] rows of the band.
+  Returns [B, n, L, L] float32.
+  """
+  batch, length, heads, _ = q.shape
+  c2p = jnp.einsum("bqnd,rnd->bnqr", q, kr, preferred_element_type=jnp.float32)
+  p2c = jnp.einsum("rnd,bknd->bnrk", qr, k, preferred_element_type=jnp.float32)
+  index = jnp.broadcast_to(jnp.asarray(idx), (batch, heads, length, length))
+  return (jnp.take_along_axis(c2p, index, axis=-1) + jnp.take_along_axis(p2c, index, axis=-2))
+
+
+def relative_terms_skew(q, k, qr_by_distance, kr_by_distance):
+  """c2p + p2c by the relative shift ("skew") on per-distance products: no [B, n, L, L] gather.
+
+  Both relative terms depend on (i, j) only through the distance i - j, so the projections are
+  taken for each of the 2L-1 distances (rows of the relative table gathered by distance: a tiny
+  [2L-1, H] gather) and the [L, 2L-1] products are re-indexed by pad + reshape + slice.
+  Row t of *_by_distance holds distance t - (L-1).
+  """
+  c2p = jnp.einsum("bqnd,tnd->bnqt", q, kr_by_distance, preferred_element_type=jnp.float32)
+  p2c = jnp.einsum("tnd,bknd->bnkt", qr_by_distance, k, preferred_element_type=jnp.float32)
+  # c2p[i, j] = c2p[i, (L-1) + i - j] = flipped[i, (L-1) - i + j];  p2c[i, j] = p2c[j, (L-1) + i - j].
+  return _skew(jnp.flip(c2p, axis=-1)) + jnp.swapaxes(_skew(p2c), -1, -2)
+
+
+def _skew(y: jax.Array) -> jax.Array:
+  """out[a, b] = y[a, b + (L-1) - a] for y [..., L, 2L-1]: pad one column, flatten, re-cut."""
+  *lead, length, width = y.shape
+  padded = jnp.pad(y, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])
+  flat = padded.reshape(*lead, length * (width + 1))
+  flat = jax.lax.slice_in_dim(flat, length - 1, length - 1 + length * width, axis=-1)
+  return flat.reshape(*lead, length, width)[..., :length]
+
+
+class DisentangledSelfAttention(nn.Module):
+  """Multi-head disentangled attention; keys/values from `hidden`, queries from `query`."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, hidden, query, rel_table, mask, deterministic: bool):
+    cfg = self.config
+    batch, length, _ = hidden.shape
+    heads, head = cfg.num_heads, cfg.head_size
+    proj = lambda name: layers.dense(cfg, cfg.hidden_size, ("embed", "heads"), name)
+    query_proj, key_proj, value_proj = proj("query_proj"), proj("key_proj"), proj("value_proj")
+
+    scale = jnp.float32(1.0 / math.sqrt(head * 3))  # three score terms: c2c + c2p + p2c
+    q = query_proj(query).reshape(batch, length, heads, head)
+    k = key_proj(hidden).reshape(batch, length, heads, head)
+    v = value_proj(hidden).reshape(batch, length, heads, head)
+    q = layers.constrain(q, ("batch", "length", "act_heads", "kv"))
+    k = layers.constrain(k, ("batch", "length", "act_heads", "kv"))
+
+    q_scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    scores = jnp.einsum("bqnd,bknd->bnqk", q_scaled, k, preferred_element_type=jnp.float32)
+
+    pos_dropout = nn.Dropout(cfg.hidden_dropout, name="pos_dropout")
+    buckets, max_distance = cfg.position_buckets, cfg.max_relative_distance
+    if cfg.attention_impl == "skew":
+      # One table row per distance i - j; dropout first so equal buckets share one mask.
+      rows = relative_position.distance_rows(length, buckets, max_distance)
+      table = pos_dropout(rel_table, deterministic=deterministic)
+      table = jnp.take(table, jnp.asarray(rows), axis=0).astype(cfg.compute_dtype)
+      qr = query_proj(table).reshape(-1, heads, head)
+      kr = key_proj(table).reshape(-1, heads, head)
+      qr_scaled = (qr.astype(jnp.float32) * scale).astype(qr.dtype)
+      scores = scores + relative_terms_skew(q_scaled, k, qr_scaled, kr)
+    else:
+      # Only the band of relative rows this length can reach is projected (all of it for L >= 256).
+      idx = relative_position.relative_index(length, buckets, max_distance)
+      lo, hi = int(idx.min()), int(idx.max())
+      band = jax.lax.slice_in_dim(rel_table, lo, hi + 1, axis=0)
+      band = pos_dropout(band, deterministic=deterministic).astype(cfg.compute_dtype)
+      qr = query_proj(band).reshape(-1, heads, head)
+      kr = key_proj(band).reshape(-1, heads, head)
+      qr_scaled = (qr.astype(jnp.float32) * scale).astype(qr.dtype)
+      scores = scores + relative_terms_gather(q_scaled, k, qr_scaled, kr, idx - lo)
+
+    probs = masked_softmax(scores, mask)
+    probs = nn.Dropout(cfg.attention_dropout, name="attention_dropout")(
+        probs, deterministic=deterministic)
+    context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(cfg.compute_dtype), v)
+    return context.reshape(batch, length, heads * head)
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax over keys in float32 with masked entries (and whole pad rows) exactly zero.
+
+  `mask` is [B, 1, L, L] boolean (m_i * m_j). Filling with the float32 minimum instead of -inf
+  keeps fully masked rows finite; zeroing afterwards reproduces the reference's XSoftmax.
+  """
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.where(mask, probs, 0.0)
+
+
+def pair_mask(attention_mask: jax.Array) -> jax.Array:
+  """[B, L] input mask -> [B, 1, L, L] boolean pair mask m_i * m_j."""
+  m = attention_mask.astype(bool)
+  return (m[:, None, :, None] & m[:, None, None, :])

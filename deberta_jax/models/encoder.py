@@ -1,0 +1,131 @@
+"""The DeBERTaV3 encoder: embeddings, post-LN disentangled-attention layers and the stack.
+
+Parameter names follow Hugging Face DebertaV2 (`embeddings/LayerNorm`, `encoder/layer_3/...`) so
+the checkpoint converter in `deberta_jax.hf` is a rename, not a translation.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deberta_jax.models import attention
+from deberta_jax.models import layers
+from deberta_jax.models.config import ModelConfig
+
+
+class Embeddings(nn.Module):
+  """Word embedding -> LayerNorm -> zero pad positions -> dropout (no absolute positions added).
+
+  `word_embeddings` may be passed in instead of owned: that is how the discriminator receives
+  E_G (ES) or stop_gradient(E_G) + E_delta (GDES) from the pre-training model. The absolute
+  position table, when configured, is returned raw for the generator's Enhanced Mask Decoder.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, deterministic: bool, word_embeddings=None):
+    cfg = self.config
+    if word_embeddings is None:
+      word_embeddings = self.param(
+          "word_embeddings", layers.vocab_table_init(cfg, ("vocab", "embed")),
+          (cfg.padded_vocab_size, cfg.hidden_size), jnp.float32)
+    x = jnp.take(word_embeddings, input_ids, axis=0).astype(cfg.compute_dtype)
+    x = layers.layer_norm(cfg, "LayerNorm")(x)
+    x = x * attention_mask[..., None].astype(x.dtype)
+    x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    x = layers.constrain(x, ("batch", "length", "act_embed"))
+    positions = None
+    if cfg.position_table:
+      table = self.param(
+          "position_embeddings", layers.normal_init(cfg, ("position", "embed")),
+          (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32)
+      positions = table[: input_ids.shape[1]].astype(cfg.compute_dtype)
+    return x, positions, word_embeddings
+
+
+class Layer(nn.Module):
+  """Attention -> (dense, dropout, residual, LN) -> FFN (gelu) -> (dropout, residual, LN).
+
+  `query` is the residual stream; it equals `hidden` except in the Enhanced Mask Decoder, where
+  keys and values stay fixed while the query stream is refined.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, hidden, query, rel_table, mask, deterministic: bool):
+    cfg = self.config
+    context = attention.DisentangledSelfAttention(cfg, name="attention")(
+        hidden, query, rel_table, mask, deterministic)
+    out = layers.dense(cfg, cfg.hidden_size, ("heads", "embed"), "attention_output")(context)
+    out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+    a = layers.layer_norm(cfg, "attention_LayerNorm")(out + query)
+    h = layers.gelu(layers.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(a))
+    h = layers.constrain(h, ("batch", "length", "act_mlp"))
+    out = layers.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(h)
+    out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+    out = layers.layer_norm(cfg, "output_LayerNorm")(out + a)
+    return layers.constrain(out, ("batch", "length", "act_embed"))
+
+
+def _layer_class(config: ModelConfig):
+  """Layer, optionally rematerialised in the backward pass (config.remat)."""
+  if config.remat == "none":
+    return Layer
+  policy = None
+  if config.remat == "dots":
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  # Argument 5 (counting self as 0) is `deterministic`, a Python bool.
+  return nn.remat(Layer, policy=policy, static_argnums=(5,))
+
+
+class Encoder(nn.Module):
+  """The layer stack plus the relative-position table (LayerNormed once per forward)."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.rel_embeddings = self.param(
+        "rel_embeddings", layers.normal_init(cfg, ("relpos", "embed")),
+        (2 * cfg.position_buckets, cfg.hidden_size), jnp.float32)
+    self.LayerNorm = layers.layer_norm(cfg, "LayerNorm")
+    layer_cls = _layer_class(cfg)
+    self.layer = [layer_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+
+  def relative_table(self) -> jax.Array:
+    return self.LayerNorm(self.rel_embeddings.astype(self.config.compute_dtype))
+
+  def __call__(self, x, mask, deterministic: bool, num_layers: int | None = None):
+    """Runs the first `num_layers` layers (all by default); returns every layer's output."""
+    rel_table = self.relative_table()
+    outputs = []
+    for layer in self.layer[: self.config.num_layers if num_layers is None else num_layers]:
+      x = layer(x, x, rel_table, mask, deterministic)
+      outputs.append(x)
+    return outputs, rel_table
+
+
+class DebertaEncoder(nn.Module):
+  """The backbone: `apply({'params': p}, input_ids, attention_mask, deterministic=True)` -> [B, L, H].
+
+  Parameters are `{'embeddings': ..., 'encoder': ...}`; the generator and discriminator extend this
+  tree with their heads, so their parameters apply here unchanged.
+  """
+
+  config: ModelConfig
+
+  def setup(self):
+    self.embeddings = Embeddings(self.config)
+    self.encoder = Encoder(self.config)
+
+  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True,
+               word_embeddings=None):
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    x, _, _ = self.embeddings(input_ids, attention_mask, deterministic, word_embeddings)
+    outputs, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic)
+    return outputs[-1]

@@ -1,0 +1,67 @@
+"""Linen building blocks whose parameters carry logical axis names.
+
+Every parameter is declared through `nn.with_logical_partitioning`, so one rule table in the config
+decides how it is sharded on any mesh; without a mesh the names are inert metadata that
+`flax.linen.meta.unbox` strips.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deberta_jax.models.config import ModelConfig
+
+
+def normal_init(config: ModelConfig, names: Sequence[str | None]):
+  """N(0, initializer_range), not truncated, as the official nnmodule init."""
+  return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), tuple(names))
+
+
+def vocab_table_init(config: ModelConfig, names: Sequence[str | None]):
+  """N(0, 0.02) for real vocabulary rows, zeros for the rows that only pad the table.
+
+  Pad rows never take part in a lookup or a softmax; keeping them zero makes a save/load round
+  trip (which strips and re-adds them) exact.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    table = nn.initializers.normal(config.initializer_range)(key, shape, dtype)
+    return jnp.where(jnp.arange(shape[0])[:, None] < config.vocab_size, table, 0).astype(dtype)
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(config: ModelConfig, features: int, names: Sequence[str | None], name: str) -> nn.Dense:
+  """A Linear layer: N(0, 0.02) kernel, zero bias, float32 parameters, compute in config dtype."""
+  return nn.Dense(
+      features,
+      dtype=config.compute_dtype,
+      param_dtype=jnp.float32,
+      kernel_init=normal_init(config, names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[-1],)),
+      name=name,
+  )
+
+
+def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+  """Affine LayerNorm with the reference epsilon (1e-7; flax's default is 1e-6)."""
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_eps,
+      dtype=config.compute_dtype,
+      param_dtype=jnp.float32,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+      name=name,
+  )
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) gelu, as torch.nn.functional.gelu; jax's default is the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Activation sharding hint; a no-op outside a mesh with logical rules."""
+  return nn.with_logical_constraint(x, tuple(names))
