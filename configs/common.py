@@ -1,0 +1,90 @@
+"""Defaults shared by every pre-training config; size files change only what differs.
+
+Every field is a scalar so that any of them can be overridden on the command line, e.g.
+`--config.optim.learning_rate=1e-4 --config.mesh.fsdp=8`. Values derived from others (padded
+vocabulary, generator depth, per-device batch) are computed in `deberta_jax.config_lib`, never
+stored here.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_train_steps = 500_000
+  c.global_batch_size = 8192
+  c.seq_len = 512
+  # Compile the training step for the configured mesh, print memory and FLOPs, and exit.
+  c.dry_run = False
+  # Stop after this many steps of this invocation (0 = run to num_train_steps); for smoke runs.
+  c.stop_after_steps = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 128100          # embedding rows: 128000 spm pieces + [MASK] + 99 spare
+  c.model.hidden_size = 768
+  c.model.num_layers = 12              # discriminator depth
+  c.model.generator_num_layers = 0     # 0 = half the discriminator depth (the paper's choice)
+  c.model.num_heads = 12
+  c.model.intermediate_size = 3072
+  c.model.max_position_embeddings = 512
+  c.model.position_buckets = 256
+  c.model.max_relative_positions = -1
+  c.model.layer_norm_eps = 1e-7
+  c.model.hidden_dropout = 0.1
+  c.model.attention_dropout = 0.1
+  c.model.initializer_range = 0.02
+  c.model.vocab_pad_multiple = 128
+  c.model.dtype = "bfloat16"           # compute dtype; parameters and losses stay float32
+  c.model.attention_impl = "skew"      # 'skew' (relative shift) or 'gather' (reference indexing)
+  c.model.remat = "none"               # 'none' | 'full' | 'dots'
+  c.model.embedding_sharing = "gdes"   # 'gdes' | 'es' | 'nes'
+
+  c.rtd = ml_collections.ConfigDict()
+  c.rtd.mask_prob = 0.15               # of non-special tokens, uniformly without replacement
+  c.rtd.rtd_lambda = 50.0              # paper/ELECTRA value; the official code uses 10
+  c.rtd.temperature = 1.0              # generator sampling temperature
+  # 'auto': two updates per step (generator, then discriminator) for nes/gdes, one joint
+  # backward of L_MLM + lambda L_RTD for es. 'joint' forces the joint loss for every mode.
+  c.rtd.update_mode = "auto"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 6e-4
+  c.optim.discriminator_learning_rate = -1.0   # < 0: same as learning_rate
+  c.optim.warmup_steps = 10_000
+  c.optim.end_learning_rate = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-6
+  c.optim.weight_decay = 0.01
+  c.optim.clip_norm = 1.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "embedded"           # 'embedded' | 'text_files' | 'tfds'
+  c.data.text_files = ""               # glob, for source='text_files'
+  c.data.split_on_blank_lines = False  # one document per blank-line block instead of per file
+  c.data.tfds_name = ""                # e.g. 'wikipedia/20230601.en', for source='tfds'
+  c.data.tfds_split = "train"
+  c.data.tfds_text_feature = "text"
+  c.data.tfds_data_dir = ""
+  c.data.spm_model = ""                # '' = train one on the corpus (cached)
+  c.data.spm_vocab_size = 128000
+  c.data.cache_dir = ""                # '' = $DEBERTA_JAX_CACHE or ~/.cache/deberta_jax
+  c.data.embedded_max_bytes = 8_000_000
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1                     # -1 = the remaining devices
+  c.mesh.tensor = 1
+  # Sequences one device processes per forward/backward; the global batch is reached by
+  # gradient accumulation. 0 = the whole per-device share of the batch in one pass.
+  c.mesh.per_device_microbatch = 0
+
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.every_steps = 10_000
+  c.ckpt.keep = 3
+  c.ckpt.async_save = True
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every_steps = 100
+  return c

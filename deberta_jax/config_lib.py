@@ -1,0 +1,107 @@
+"""Validation of a run config and the values derived from it, in one place.
+
+Everything that can be checked before a device is touched is checked here, so a wrong setting
+fails in the first second with the field named, not hours into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import ml_collections
+
+from deberta_jax.models.config import ModelConfig, generator_config
+
+SHARING_MODES = ("gdes", "es", "nes")
+UPDATE_MODES = ("auto", "two_stage", "joint")
+DATA_SOURCES = ("embedded", "text_files", "tfds")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def _require(condition: bool, field: str, message: str):
+  if not condition:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field that cannot work."""
+  _require(config.num_train_steps > 0, "num_train_steps", "must be positive")
+  _require(config.global_batch_size > 0, "global_batch_size", "must be positive")
+  _require(3 <= config.seq_len <= config.model.max_position_embeddings, "seq_len",
+           f"must be in [3, model.max_position_embeddings={config.model.max_position_embeddings}]")
+  m = config.model
+  _require(m.hidden_size > 0 and m.num_heads > 0, "model.num_heads", "must be positive")
+  _require(m.hidden_size % m.num_heads == 0, "model.num_heads",
+           f"{m.num_heads} does not divide model.hidden_size={m.hidden_size}")
+  _require(m.num_layers >= 1, "model.num_layers", "must be at least 1")
+  _require(m.generator_num_layers >= 0, "model.generator_num_layers", "must be >= 0 (0 = half)")
+  _require(m.vocab_size > 5, "model.vocab_size", "must hold the special tokens")
+  _require(m.embedding_sharing in SHARING_MODES, "model.embedding_sharing",
+           f"{m.embedding_sharing!r} is not one of {SHARING_MODES}")
+  _require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+           f"{m.dtype!r} is not float32, bfloat16 or float16")
+  _require(m.attention_impl in ("gather", "skew"), "model.attention_impl",
+           f"{m.attention_impl!r} is not 'gather' or 'skew'")
+  _require(m.remat in ("none", "full", "dots"), "model.remat", f"{m.remat!r} is not none|full|dots")
+  _require(0 < config.rtd.mask_prob < 1, "rtd.mask_prob", "must be in (0, 1)")
+  _require(config.rtd.temperature > 0, "rtd.temperature", "must be positive")
+  _require(config.rtd.rtd_lambda >= 0, "rtd.rtd_lambda", "must be >= 0")
+  _require(config.rtd.update_mode in UPDATE_MODES, "rtd.update_mode",
+           f"{config.rtd.update_mode!r} is not one of {UPDATE_MODES}")
+  _require(not (m.embedding_sharing == "es" and config.rtd.update_mode == "two_stage"),
+           "rtd.update_mode",
+           "'two_stage' with embedding_sharing='es' would discard the RTD gradient on the shared "
+           "embedding; ES is defined with the joint loss")
+  o = config.optim
+  _require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
+  _require(0 <= o.warmup_steps <= config.num_train_steps, "optim.warmup_steps",
+           "must be in [0, num_train_steps]")
+  _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", "betas must be in [0, 1)")
+  _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
+  _require(config.data.source in DATA_SOURCES, "data.source",
+           f"{config.data.source!r} is not one of {DATA_SOURCES}")
+  _require(config.ckpt.every_steps > 0, "ckpt.every_steps", "must be positive")
+  _require(config.ckpt.keep > 0, "ckpt.keep", "must be positive")
+  _require(config.log.every_steps > 0, "log.every_steps", "must be positive")
+  for axis in ("data", "fsdp", "tensor"):
+    size = config.mesh[axis]
+    _require(size == -1 or size >= 1, f"mesh.{axis}", "must be >= 1 or -1 (the rest)")
+  _require(config.mesh.per_device_microbatch >= 0, "mesh.per_device_microbatch", "must be >= 0")
+  try:
+    discriminator_config(config)
+    generator_config(config.model)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from e
+
+
+def discriminator_config(config) -> ModelConfig:
+  return ModelConfig.from_config(config.model)
+
+
+def two_stage(config) -> bool:
+  """Whether a step updates the generator and then the discriminator (paper Fig. 1b/1c)."""
+  if config.rtd.update_mode == "auto":
+    return config.model.embedding_sharing != "es"
+  return config.rtd.update_mode == "two_stage"
+
+
+def model_fingerprint(config) -> dict:
+  """The shape-defining part of a run: a workdir trained with another one must not be reused."""
+  disc = dataclasses.asdict(discriminator_config(config))
+  gen = dataclasses.asdict(generator_config(config.model))
+  keep = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+          "max_position_embeddings", "position_buckets", "vocab_pad_multiple")
+  return {
+      "discriminator": {k: disc[k] for k in keep},
+      "generator_num_layers": gen["num_layers"],
+      "embedding_sharing": config.model.embedding_sharing,
+      "two_stage": two_stage(config),
+  }
+
+
+def to_json(config) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,80 @@
+"""MLM masking and replaced-token sampling, as pure functions of explicit RNG keys.
+
+Masking follows the paper (appendix A.4): 15% of the non-special tokens of each sequence, chosen
+uniformly without replacement, all replaced by [MASK]. Positions are returned as a fixed-size
+[B, K] list (K = ceil(mask_prob * L)) with a weight per slot, so the 128k-way LM head runs on
+masked positions only and every shape stays static under jit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+class MaskedBatch(NamedTuple):
+  input_ids: jax.Array   # [B, L] with [MASK] at the selected positions
+  positions: jax.Array   # [B, K] int32 selected positions (0 in unused slots)
+  labels: jax.Array      # [B, K] original ids at the selected positions
+  weights: jax.Array     # [B, K] float32, 1 for used slots
+
+
+def max_predictions(seq_len: int, mask_prob: float) -> int:
+  """Slots per sequence: enough for round(mask_prob * candidates) at any candidate count."""
+  return max(1, math.ceil(mask_prob * seq_len))
+
+
+def mask_tokens(rng: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
+                special_ids: Sequence[int], mask_id: int, mask_prob: float) -> MaskedBatch:
+  """Masks round(mask_prob * n) of the n candidate tokens of every row, uniformly at random.
+
+  Candidates are non-pad tokens that are not special ([CLS], [SEP], [UNK], [MASK], [PAD]), as in
+  the reference; a row with at least one candidate gets at least one mask.
+  """
+  input_ids, attention_mask = jnp.asarray(input_ids), jnp.asarray(attention_mask)
+  batch, length = input_ids.shape
+  slots = max_predictions(length, mask_prob)
+  candidate = attention_mask.astype(bool)
+  for special in special_ids:
+    candidate &= input_ids != special
+  count = candidate.sum(-1)
+  n_mask = jnp.clip(jnp.round(mask_prob * count), jnp.minimum(count, 1), slots).astype(jnp.int32)
+  # Random keys for candidates, -1 for the rest: the top-k keys are a uniform random subset.
+  keys = jnp.where(candidate, jax.random.uniform(rng, (batch, length)), -1.0)
+  _, positions = jax.lax.top_k(keys, slots)
+  weights = (jnp.arange(slots)[None, :] < n_mask[:, None])
+  positions = jnp.where(weights, positions, 0).astype(jnp.int32)
+  labels = jnp.take_along_axis(input_ids, positions, axis=1)
+  rows = jnp.arange(batch)[:, None]
+  selected = jnp.zeros((batch, length), bool).at[rows, positions].max(weights)
+  masked = jnp.where(selected, mask_id, input_ids)
+  return MaskedBatch(masked.astype(input_ids.dtype), positions, labels,
+                     weights.astype(jnp.float32))
+
+
+def sample_replacements(rng: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:
+  """One categorical sample per masked slot from softmax(logits / T), with no gradient.
+
+  Sampling (not argmax) over the full vocabulary, as the official code does; padded vocabulary
+  rows carry the float32 minimum as logit and are never drawn.
+  """
+  logits = jax.lax.stop_gradient(logits)
+  return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+def replace_tokens(input_ids: jax.Array, positions: jax.Array, weights: jax.Array,
+                   sampled: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The discriminator's input and labels: sampled tokens put back; "replaced" where they differ.
+
+  A slot where the generator sampled the original token is labelled 0 (original), like the
+  reference and ELECTRA.
+  """
+  input_ids = jnp.asarray(input_ids)
+  rows = jnp.arange(input_ids.shape[0])[:, None]
+  original = jnp.take_along_axis(input_ids, positions, axis=1)
+  values = jnp.where(weights > 0, sampled, original)
+  replaced = input_ids.at[rows, positions].set(values.astype(input_ids.dtype))
+  return replaced, (replaced != input_ids)

@@ -1,0 +1,82 @@
+"""Device mesh, logical-axis rules and shardings of the training state and batch.
+
+The model names every parameter and key activation with logical axes (layers.py); one rule table
+maps them to the mesh axes (data, fsdp, tensor). Changing how a model is sharded is a config
+change (`config.mesh.*`), never a model change.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axes. First match wins; a mesh axis is used at most once per array.
+LOGICAL_RULES: tuple[tuple[str, object], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_embed", None),
+    ("length", None),
+    ("kv", None),
+    ("relpos", None),
+    ("position", None),
+    ("norm", None),
+)
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) from config.mesh with at most one -1 filled by the remaining devices."""
+  sizes = [int(config.mesh[a]) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError("config.mesh: at most one of data/fsdp/tensor may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"config.mesh: {dict(zip(MESH_AXES, sizes))} does not divide the "
+                       f"{num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config.mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
+                     f"{num_devices} devices")
+  return tuple(sizes)
+
+
+def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(config, len(devices))
+  try:
+    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # pylint: disable=broad-except  # non-TPU topologies / subsets of devices
+    grid = np.array(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_to_sharding(tree, mesh: Mesh):
+  """NamedShardings for a tree of (boxed) abstract values via the logical rules."""
+  specs = nn.get_partition_spec(tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,0 +1,237 @@
+"""The RTD training step: mask, generator update, sample, discriminator update, in one jit.
+
+Two-stage (NES, GDES; paper Fig. 1b/1c): the generator is updated on L_MLM first, then the
+discriminator on lambda * L_RTD over the replaced batch, with E_D formed from the *updated* E_G.
+Joint (ES, Fig. 1a): one backward of L_MLM + lambda * L_RTD through both networks.
+
+The global batch may be split into micro-batches (gradient accumulation). Losses are sums divided
+by the token counts of the whole global batch, and every random draw is keyed by the global row
+index, so any split gives the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from deberta_jax import config_lib
+from deberta_jax import losses
+from deberta_jax import masking
+from deberta_jax import optim
+from deberta_jax.rtd import RTDModel
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 scalar: number of updates applied
+  params: Any              # {'generator': ..., 'discriminator': ...}
+  opt_state: Any           # {'generator', 'discriminator'} (two-stage) or {'joint'}
+  rng: jax.Array           # raw key data of the run's base key (checkpoint-friendly uint32)
+
+
+class SpecialTokens(NamedTuple):
+  pad_id: int
+  cls_id: int
+  sep_id: int
+  unk_id: int
+  mask_id: int
+
+  @property
+  def never_masked(self) -> tuple[int, ...]:
+    return (self.pad_id, self.cls_id, self.sep_id, self.unk_id, self.mask_id)
+
+
+def make_optimizers(config) -> dict[str, optax.GradientTransformation]:
+  gen_lr, disc_lr = optim.peak_learning_rates(config)
+  steps = config.num_train_steps
+  if config_lib.two_stage(config):
+    return {"generator": optim.make_optimizer(config.optim, gen_lr, steps),
+            "discriminator": optim.make_optimizer(config.optim, disc_lr, steps)}
+  return {"joint": optim.make_optimizer(config.optim, gen_lr, steps)}
+
+
+def init_state(model: RTDModel, optimizers, config, rng: jax.Array) -> TrainState:
+  """A fresh state (parameters boxed with logical axis names; unbox before use)."""
+  init_rng, run_rng = jax.random.split(rng)
+  params = model.init(init_rng, config.seq_len)
+  if "joint" in optimizers:
+    opt_state = {"joint": optimizers["joint"].init(params)}
+  else:
+    opt_state = {name: optimizers[name].init(params[name]) for name in optimizers}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    rng=jax.random.key_data(run_rng))
+
+
+# ------------------------------------------------------------------------------ micro-batching
+
+def split_micro(x: jax.Array, num_micro: int) -> jax.Array:
+  """[B, ...] -> [M, B/M, ...] with micro-batch i = rows i, i+M, ...
+
+  Interleaving keeps every micro-batch spread over all data-parallel devices when the batch axis
+  is block-sharded (device d holds a contiguous block of rows).
+  """
+  return x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+
+
+def merge_micro(x: jax.Array) -> jax.Array:
+  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def accumulate(loss_fn: Callable, params, inputs: dict, num_micro: int):
+  """Sum of gradients and aux outputs of loss_fn over micro-batches (lax.scan when M > 1).
+
+  loss_fn(params, micro_inputs) -> (loss, (sums: dict of scalars, outputs: dict of [b, ...])).
+  """
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  micro = jax.tree.map(lambda x: split_micro(x, num_micro), inputs)
+  if num_micro == 1:
+    grads, (sums, outputs) = grad_fn(params, jax.tree.map(lambda x: x[0], micro))
+    return grads, sums, outputs
+
+  def body(grad_sum, one):
+    grads, (sums, outputs) = grad_fn(params, one)
+    return jax.tree.map(jnp.add, grad_sum, grads), (sums, outputs)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, (sums, outputs) = jax.lax.scan(body, zeros, micro)
+  sums = jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)
+  outputs = jax.tree.map(merge_micro, outputs)
+  return grads, sums, outputs
+
+
+def _row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
+
+
+def _sample(key, rows, logits, temperature):
+  """Per-row sampling keys: the draw for a sequence does not depend on the micro-batch split."""
+  return jax.vmap(lambda k, l: masking.sample_replacements(k, l, temperature))(
+      _row_keys(key, rows), logits)
+
+
+# ------------------------------------------------------------------------------------- losses
+
+def rtd_loss(model: RTDModel, params, replaced_ids, is_replaced, attention_mask, rng,
+             rtd_count, rtd_lambda: float, deterministic: bool = False):
+  """lambda * mean BCE of the discriminator over non-pad tokens of the global batch."""
+  logits = model.discriminator_logits(params, replaced_ids, attention_mask, rng, deterministic)
+  sums = losses.rtd_sums(logits, is_replaced, attention_mask)
+  return rtd_lambda * sums["rtd_loss_sum"] / rtd_count, sums
+
+
+def mlm_loss(model: RTDModel, generator_params, masked_ids, attention_mask, positions, labels,
+             weights, rng, mlm_count, deterministic: bool = False):
+  logits = model.generator_logits(generator_params, masked_ids, attention_mask, positions, rng,
+                                  deterministic)
+  sums = losses.mlm_sums(logits, labels, weights)
+  return sums["mlm_loss_sum"] / mlm_count, (sums, logits)
+
+
+# ---------------------------------------------------------------------------------- the step
+
+def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, num_micro: int):
+  """Returns train_step(state, batch) -> (state, metrics); batch: input_ids, attention_mask."""
+  rtd_lambda = float(config.rtd.rtd_lambda)
+  temperature = float(config.rtd.temperature)
+  mask_prob = float(config.rtd.mask_prob)
+  deterministic = config.model.hidden_dropout == 0 and config.model.attention_dropout == 0
+
+  def prepare(state, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    k_mask, k_gen, k_sample, k_disc = jax.random.split(key, 4)
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    masked = masking.mask_tokens(k_mask, ids, attention, tokens.never_masked, tokens.mask_id,
+                                 mask_prob)
+    inputs = dict(ids=ids, attention_mask=attention, masked_ids=masked.input_ids,
+                  positions=masked.positions, labels=masked.labels, weights=masked.weights,
+                  rows=jnp.arange(ids.shape[0]),
+                  micro=jnp.repeat(jnp.arange(num_micro), ids.shape[0] // num_micro))
+    counts = (jnp.maximum(masked.weights.sum(), 1.0),
+              jnp.maximum(attention.astype(jnp.float32).sum(), 1.0))
+    return inputs, counts, (k_gen, k_sample, k_disc)
+
+  def dropout_key(key, micro):
+    return jax.random.fold_in(key, micro[0])
+
+  def two_stage_step(state, batch):
+    inputs, (mlm_count, rtd_count), (k_gen, k_sample, k_disc) = prepare(state, batch)
+
+    def generator_loss(gen_params, mb):
+      loss, (sums, logits) = mlm_loss(
+          model, gen_params, mb["masked_ids"], mb["attention_mask"], mb["positions"],
+          mb["labels"], mb["weights"], dropout_key(k_gen, mb["micro"]), mlm_count, deterministic)
+      return loss, (sums, {"sampled": _sample(k_sample, mb["rows"], logits, temperature)})
+
+    gen_params = state.params["generator"]
+    gen_grads, gen_sums, outputs = accumulate(generator_loss, gen_params, inputs, num_micro)
+    updates, gen_opt = optimizers["generator"].update(
+        gen_grads, state.opt_state["generator"], gen_params)
+    gen_params = optax.apply_updates(gen_params, updates)
+
+    replaced, is_replaced = masking.replace_tokens(
+        inputs["ids"], inputs["positions"], inputs["weights"], outputs["sampled"])
+    disc_inputs = dict(replaced=replaced, is_replaced=is_replaced,
+                       attention_mask=inputs["attention_mask"], micro=inputs["micro"])
+
+    def discriminator_loss(disc_params, mb):
+      params = {"generator": gen_params, "discriminator": disc_params}
+      loss, sums = rtd_loss(model, params, mb["replaced"], mb["is_replaced"],
+                            mb["attention_mask"], dropout_key(k_disc, mb["micro"]), rtd_count,
+                            rtd_lambda, deterministic)
+      return loss, (sums, {})
+
+    disc_params = state.params["discriminator"]
+    disc_grads, disc_sums, _ = accumulate(discriminator_loss, disc_params, disc_inputs, num_micro)
+    updates, disc_opt = optimizers["discriminator"].update(
+        disc_grads, state.opt_state["discriminator"], disc_params)
+    disc_params = optax.apply_updates(disc_params, updates)
+
+    new_state = state.replace(
+        step=state.step + 1,
+        params={"generator": gen_params, "discriminator": disc_params},
+        opt_state={"generator": gen_opt, "discriminator": disc_opt})
+    metrics = _metrics({**gen_sums, **disc_sums}, mlm_count, rtd_count)
+    metrics["generator_grad_norm"] = optax.global_norm(gen_grads)
+    metrics["discriminator_grad_norm"] = optax.global_norm(disc_grads)
+    return new_state, metrics
+
+  def joint_step(state, batch):
+    inputs, (mlm_count, rtd_count), (k_gen, k_sample, k_disc) = prepare(state, batch)
+
+    def joint_loss(params, mb):
+      gen_loss, (gen_sums, logits) = mlm_loss(
+          model, params["generator"], mb["masked_ids"], mb["attention_mask"], mb["positions"],
+          mb["labels"], mb["weights"], dropout_key(k_gen, mb["micro"]), mlm_count, deterministic)
+      sampled = _sample(k_sample, mb["rows"], logits, temperature)
+      replaced, is_replaced = masking.replace_tokens(mb["ids"], mb["positions"], mb["weights"],
+                                                     sampled)
+      disc_loss, disc_sums = rtd_loss(model, params, replaced, is_replaced, mb["attention_mask"],
+                                      dropout_key(k_disc, mb["micro"]), rtd_count, rtd_lambda,
+                                      deterministic)
+      return gen_loss + disc_loss, ({**gen_sums, **disc_sums}, {})
+
+    grads, sums, _ = accumulate(joint_loss, state.params, inputs, num_micro)
+    updates, opt = optimizers["joint"].update(grads, state.opt_state["joint"], state.params)
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              opt_state={"joint": opt})
+    metrics = _metrics(sums, mlm_count, rtd_count)
+    metrics["generator_grad_norm"] = optax.global_norm(grads["generator"])
+    metrics["discriminator_grad_norm"] = optax.global_norm(grads["discriminator"])
+    return new_state, metrics
+
+  return two_stage_step if "joint" not in optimizers else joint_step
+
+
+def _metrics(sums, mlm_count, rtd_count) -> dict:
+  return {
+      "mlm_loss": sums["mlm_loss_sum"] / mlm_count,
+      "mlm_accuracy": sums["mlm_correct"] / mlm_count,
+      "rtd_loss": sums["rtd_loss_sum"] / rtd_count,
+      "rtd_accuracy": sums["rtd_correct"] / rtd_count,
+      "replaced_fraction": sums["replaced_sum"] / mlm_count,
+  }

@@ -1,0 +1,258 @@
+"""RTD pieces: masking statistics, sampling, embedding-sharing gradients, accumulation, optimizer."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from flax.linen import meta
+
+from configs import tiny
+from deberta_jax import config_lib
+from deberta_jax import masking
+from deberta_jax import optim
+from deberta_jax import train_step as ts
+from deberta_jax.rtd import DELTA, RTDModel
+
+TOKENS = ts.SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=2000)
+
+
+def _config(sharing="gdes", **overrides):
+  c = tiny.get_config()
+  c.model.embedding_sharing = sharing
+  c.seq_len = 32
+  c.global_batch_size = 8
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def _batch(batch=8, length=32, seed=0, pad_from=None):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(4, 2000, size=(batch, length)).astype(np.int32)
+  ids[:, 0] = TOKENS.cls_id
+  mask = np.ones_like(ids)
+  if pad_from:
+    mask[1, pad_from:] = 0
+    ids[1, pad_from:] = 0
+  ids[np.arange(batch), mask.sum(1) - 1] = TOKENS.sep_id
+  ids[2, 5] = TOKENS.unk_id
+  return {"input_ids": ids, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------------------------- masking
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_masking_rate_and_special_tokens(jit):
+  batch = _batch(batch=64, length=128, pad_from=70)
+  fn = lambda k, i, m: masking.mask_tokens(k, i, m, TOKENS.never_masked, TOKENS.mask_id, 0.15)
+  fn = jax.jit(fn) if jit else fn
+  out = jax.tree.map(np.asarray, fn(jax.random.key(1), batch["input_ids"],
+                                    batch["attention_mask"]))
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  candidates = (mask == 1) & ~np.isin(ids, TOKENS.never_masked)
+  selected = out.input_ids == TOKENS.mask_id
+  # Exactly round(15%) of each row's candidates, never a special or pad token.
+  np.testing.assert_array_equal(selected.sum(1), np.round(0.15 * candidates.sum(1)))
+  assert not np.any(selected & ~candidates)
+  assert abs(selected.sum() / candidates.sum() - 0.15) < 0.005
+  # Labels are the original ids at the listed positions; weights mark the used slots.
+  rows = np.arange(ids.shape[0])[:, None]
+  np.testing.assert_array_equal(out.labels, ids[rows, out.positions])
+  used = out.weights > 0
+  assert np.all(selected[rows, out.positions] | ~used)
+  np.testing.assert_array_equal(used.sum(1), selected.sum(1))
+  chex.assert_shape(out.positions, (64, masking.max_predictions(128, 0.15)))
+
+
+def test_masking_is_uniform_over_positions():
+  batch = _batch(batch=512, length=40, seed=3)
+  out = masking.mask_tokens(jax.random.key(0), batch["input_ids"], batch["attention_mask"],
+                            TOKENS.never_masked, TOKENS.mask_id, 0.15)
+  freq = (np.asarray(out.input_ids) == TOKENS.mask_id)[:, 3:-3].mean(0)
+  assert freq.min() > 0.09 and freq.max() < 0.21, freq
+
+
+def test_replacement_labels_only_where_sample_differs():
+  ids = jnp.array([[1, 10, 11, 12, 2]], jnp.int32)
+  positions = jnp.array([[1, 3]], jnp.int32)
+  weights = jnp.array([[1.0, 1.0]])
+  replaced, is_replaced = masking.replace_tokens(ids, positions, weights, jnp.array([[10, 99]]))
+  np.testing.assert_array_equal(replaced, [[1, 10, 11, 99, 2]])
+  np.testing.assert_array_equal(is_replaced, [[False, False, False, True, False]])
+
+
+def test_sampling_never_draws_padded_vocabulary_rows():
+  logits = jnp.zeros((4, 2048)).at[:, 2001:].set(jnp.finfo(jnp.float32).min)
+  samples = masking.sample_replacements(jax.random.key(0), logits, 1.0)
+  assert int(samples.max()) <= 2000
+
+
+# ------------------------------------------------------------------------ embedding sharing
+
+def _state(sharing):
+  config = _config(sharing, **{"model.hidden_dropout": 0.0, "model.attention_dropout": 0.0})
+  model = RTDModel(config)
+  params = meta.unbox(model.init(jax.random.key(0), config.seq_len))
+  return config, model, params
+
+
+def _rtd_grads(model, params, batch):
+  masked = masking.mask_tokens(jax.random.key(2), batch["input_ids"], batch["attention_mask"],
+                               TOKENS.never_masked, TOKENS.mask_id, 0.15)
+  sampled = jax.random.randint(jax.random.key(3), masked.labels.shape, 4, 2000)
+  replaced, is_replaced = masking.replace_tokens(batch["input_ids"], masked.positions,
+                                                 masked.weights, sampled)
+  loss = lambda p: ts.rtd_loss(model, p, replaced, is_replaced, batch["attention_mask"],
+                               jax.random.key(4), 100.0, 50.0, deterministic=True)[0]
+  return jax.grad(loss)(params)
+
+
+def _nonzero(tree):
+  return {"/".join(k): bool(np.any(np.asarray(v) != 0))
+          for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def test_gdes_rtd_gradient_reaches_delta_not_generator():
+  _, model, params = _state("gdes")
+  grads = _rtd_grads(model, params, _batch())
+  gen = _nonzero(grads["generator"])
+  assert not any(gen.values()), [k for k, v in gen.items() if v]
+  assert _nonzero(grads["discriminator"])[f"{DELTA}/word_embeddings"]
+  np.testing.assert_array_equal(grads["generator"]["embeddings"]["word_embeddings"], 0.0)
+  # E_delta starts at zero, so E_D = E_G at initialisation.
+  np.testing.assert_array_equal(params["discriminator"][DELTA]["word_embeddings"], 0.0)
+  assert "word_embeddings" not in params["discriminator"]["embeddings"]
+
+
+def test_es_rtd_gradient_reaches_the_shared_embedding_only():
+  _, model, params = _state("es")
+  gen = _nonzero(_rtd_grads(model, params, _batch())["generator"])
+  assert gen.pop("embeddings/word_embeddings")
+  assert not any(gen.values()), [k for k, v in gen.items() if v]
+
+
+def test_nes_embeddings_are_independent():
+  _, model, params = _state("nes")
+  grads = _rtd_grads(model, params, _batch())
+  assert not any(_nonzero(grads["generator"]).values())
+  assert _nonzero(grads["discriminator"])["embeddings/word_embeddings"]
+  assert not jnp.array_equal(params["generator"]["embeddings"]["word_embeddings"],
+                             params["discriminator"]["embeddings"]["word_embeddings"])
+
+
+@pytest.mark.parametrize("sharing", ["gdes", "es", "nes"])
+def test_mlm_gradient_never_reaches_the_discriminator(sharing):
+  _, model, params = _state(sharing)
+  batch = _batch()
+  masked = masking.mask_tokens(jax.random.key(2), batch["input_ids"], batch["attention_mask"],
+                               TOKENS.never_masked, TOKENS.mask_id, 0.15)
+
+  def loss(p):
+    return ts.mlm_loss(model, p["generator"], masked.input_ids, batch["attention_mask"],
+                       masked.positions, masked.labels, masked.weights, None, 10.0, True)[0]
+  grads = jax.grad(loss)(params)
+  assert not any(_nonzero(grads["discriminator"]).values())
+  assert _nonzero(grads["generator"])["embeddings/word_embeddings"]
+
+
+def test_gdes_discriminator_update_uses_the_updated_generator_embedding():
+  """Two-stage: after one step E_D = E_G(new) + E_delta(new), and E_delta moved."""
+  config = _config("gdes")
+  model = RTDModel(config)
+  optimizers = ts.make_optimizers(config)
+  state = meta.unbox(ts.init_state(model, optimizers, config, jax.random.key(0)))
+  step = jax.jit(ts.make_train_step(model, optimizers, config, TOKENS, 1))
+  new, metrics = step(state, _batch())  # the first update has learning rate 0 (warmup)
+  new, metrics = step(new, _batch(seed=1))
+  chex.assert_tree_all_finite(metrics)
+  delta = new.params["discriminator"][DELTA]["word_embeddings"]
+  assert float(jnp.abs(delta).max()) > 0
+  gen_table = new.params["generator"]["embeddings"]["word_embeddings"]
+  assert not jnp.array_equal(gen_table, state.params["generator"]["embeddings"]["word_embeddings"])
+  exported = model.export_discriminator_params(new.params)["embeddings"]["word_embeddings"]
+  np.testing.assert_allclose(exported, gen_table + delta, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ accumulation
+
+@pytest.mark.parametrize("sharing", ["gdes", "es"])
+def test_gradient_accumulation_equals_one_batch(sharing):
+  config = _config(sharing, **{"model.hidden_dropout": 0.0, "model.attention_dropout": 0.0})
+  model = RTDModel(config)
+  optimizers = ts.make_optimizers(config)
+  state = meta.unbox(ts.init_state(model, optimizers, config, jax.random.key(0)))
+  batch = _batch(pad_from=20)
+  one, m1 = jax.jit(ts.make_train_step(model, optimizers, config, TOKENS, 1))(state, batch)
+  four, m4 = jax.jit(ts.make_train_step(model, optimizers, config, TOKENS, 4))(state, batch)
+  chex.assert_trees_all_close(m1, m4, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(one.params, four.params, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------- optimizer
+
+def test_learning_rate_schedule_warmup_then_linear_decay():
+  schedule = optim.learning_rate_schedule(1e-3, 10, 110)
+  np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 60, 110)],
+                             [0.0, 5e-4, 1e-3, 5e-4, 0.0], atol=1e-9)
+
+
+def test_weight_decay_mask_excludes_biases_and_layer_norms():
+  _, _, params = _state("gdes")
+  mask = {"/".join(k): v for k, v in traverse_util.flatten_dict(optim.decay_mask(params)).items()}
+  assert mask["generator/encoder/layer_0/attention/query_proj/kernel"]
+  assert not mask["generator/encoder/layer_0/attention/query_proj/bias"]
+  assert not mask["generator/encoder/layer_0/output_LayerNorm/scale"]
+  assert not mask["discriminator/embeddings/LayerNorm/bias"]
+  assert mask[f"discriminator/{DELTA}/word_embeddings"]
+  assert mask["generator/encoder/rel_embeddings"]
+
+
+def test_two_stage_has_separate_optimizer_states():
+  assert set(ts.make_optimizers(_config("gdes"))) == {"generator", "discriminator"}
+  assert set(ts.make_optimizers(_config("es"))) == {"joint"}
+  assert set(ts.make_optimizers(_config("nes", **{"rtd.update_mode": "joint"}))) == {"joint"}
+
+
+# ------------------------------------------------------------------------------------ config
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("model.num_heads", 3, "model.num_heads"),
+    ("model.embedding_sharing", "shared", "model.embedding_sharing"),
+    ("rtd.mask_prob", 1.5, "rtd.mask_prob"),
+    ("optim.warmup_steps", 10**9, "optim.warmup_steps"),
+    ("seq_len", 1024, "seq_len"),
+    ("data.source", "web", "data.source"),
+])
+def test_config_validation_names_the_field(field, value, needle):
+  with pytest.raises(config_lib.ConfigError, match=needle.replace(".", r"\.")):
+    config_lib.validate(_config(**{field: value}))
+
+
+def test_es_refuses_two_stage_update():
+  with pytest.raises(config_lib.ConfigError, match="rtd.update_mode"):
+    config_lib.validate(_config("es", **{"rtd.update_mode": "two_stage"}))
+
+
+@pytest.mark.parametrize("name", ["tiny", "xsmall", "small", "base", "large", "base_analysis"])
+def test_shipped_configs_validate(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config_lib.validate(config)
+  if name != "tiny":
+    assert config.model.vocab_size == 128100
+    assert config_lib.discriminator_config(config).head_size == 64
+
+
+def test_tiny_is_well_under_a_million_parameters():
+  config = tiny.get_config()
+  params = meta.unbox(jax.eval_shape(lambda k: RTDModel(config).init(k, 8), jax.random.key(0)))
+  counts = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in params.items()}
+  disc = counts["discriminator"] - sum(int(np.prod(x.shape)) for x in
+                                       jax.tree.leaves(params["discriminator"][DELTA]))
+  assert counts["generator"] + disc < 1_000_000, counts
