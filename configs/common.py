@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.embedded_max_bytes = 8_000_000
 
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.num_devices = 0               # 0 = every device; N = the first N (tests, debugging)
   c.mesh.data = 1
   c.mesh.fsdp = -1                     # -1 = the remaining devices
   c.mesh.tensor = 1

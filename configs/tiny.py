@@ -3,8 +3,10 @@
   python -m deberta_jax.main --config=configs/tiny.py --workdir=/tmp/deberta_tiny
 
 Trains on the embedded corpus (standard-library docstrings) with a 2000-piece SentencePiece
-model trained on it. On 2 CPU cores, a few hundred steps take a few minutes and both the MLM and
-RTD losses fall.
+model trained on it. On 2 CPU cores the 300 steps take about 1.5 minutes: the MLM loss falls from
+~7.6 to the corpus's unigram entropy (~6.2) and the RTD loss from ~0.69 to its base rate (~0.42).
+Getting below those plateaus takes ~1000+ steps at this size (e.g. --config.seq_len=64
+--config.num_train_steps=1000 --config.optim.learning_rate=5e-3 and dropout 0: MLM 6.23 -> 5.36).
 """
 
 from configs import common

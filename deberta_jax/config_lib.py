@@ -70,6 +70,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for axis in ("data", "fsdp", "tensor"):
     size = config.mesh[axis]
     _require(size == -1 or size >= 1, f"mesh.{axis}", "must be >= 1 or -1 (the rest)")
+  _require(config.mesh.num_devices >= 0, "mesh.num_devices", "must be >= 0 (0 = all)")
   _require(config.mesh.per_device_microbatch >= 0, "mesh.per_device_microbatch", "must be >= 0")
   try:
     discriminator_config(config)

@@ -54,7 +54,11 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  devices = list(jax.devices() if devices is None else devices)
+  if devices is None:
+    devices = jax.devices()
+    if config.mesh.get("num_devices", 0):
+      devices = devices[: config.mesh.num_devices]
+  devices = list(devices)
   shape = mesh_shape(config, len(devices))
   try:
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel

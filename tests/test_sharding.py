@@ -1,0 +1,87 @@
+"""The training step on meshes of 8 fake CPU devices gives the single-device numbers, and a
+checkpoint written on one mesh resumes on another."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from deberta_jax import metrics
+from deberta_jax import sharding
+from deberta_jax import train
+from tests.test_train import cache_dir, tiny_config  # pylint: disable=unused-import
+
+MESHES = {
+    "data8": dict(data=8, fsdp=1, tensor=1),
+    "fsdp8": dict(data=1, fsdp=8, tensor=1),
+    "d2f2t2": dict(data=2, fsdp=2, tensor=2),
+}
+KEYS = ("mlm_loss", "rtd_loss", "generator_grad_norm", "discriminator_grad_norm")
+
+
+def _config(cache_dir, num_devices, mesh, **extra):
+  overrides = {"num_train_steps": 5, "optim.warmup_steps": 2, "log.every_steps": 1, "ckpt.every_steps": 5,
+               "ckpt.async_save": False, "mesh.num_devices": num_devices,
+               **{f"mesh.{k}": v for k, v in mesh.items()}, **extra}
+  return tiny_config(cache_dir, **overrides)
+
+
+def _losses(workdir):
+  return {r["step"]: r for r in metrics.read_metrics(workdir)}
+
+
+@pytest.fixture(scope="module")
+def single_device(cache_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("one"))
+  train.run(_config(cache_dir, 1, dict(data=1, fsdp=1, tensor=1)), workdir)
+  return _losses(workdir)
+
+
+def test_eight_fake_devices():
+  assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_mesh_matches_single_device(name, cache_dir, single_device, tmp_path):
+  workdir = str(tmp_path / name)
+  train.run(_config(cache_dir, 8, MESHES[name]), workdir)
+  sharded = _losses(workdir)
+  rows = []
+  for step in range(1, 6):
+    for key in KEYS:
+      np.testing.assert_allclose(sharded[step][key], single_device[step][key], rtol=1e-5,
+                                 err_msg=f"{name} {key} step {step}")
+    rows.append(f"{step}: {single_device[step]['mlm_loss']:.6f}/{sharded[step]['mlm_loss']:.6f}")
+  print(f"mesh {name} mlm_loss (1 device / mesh):", ", ".join(rows))
+
+
+def test_parameters_are_sharded_by_the_rules(cache_dir):
+  config = _config(cache_dir, 8, MESHES["d2f2t2"])
+  from deberta_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from deberta_jax.rtd import RTDModel  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config)
+  model = RTDModel(config)
+  shardings = train.state_shardings(model, ts.make_optimizers(config), config, mesh)
+  gen = shardings.params["generator"]
+  spec = lambda s: tuple(s.spec)
+  assert spec(gen["embeddings"]["word_embeddings"]) == ("tensor", "fsdp")
+  assert spec(gen["encoder"]["layer_0"]["intermediate"]["kernel"]) == ("fsdp", "tensor")
+  assert spec(gen["encoder"]["layer_0"]["output_LayerNorm"]["scale"]) in ((), (None,))
+  mu = shardings.opt_state["generator"][1][0].mu  # clip, then adamw's ScaleByAdamState
+  assert spec(mu["embeddings"]["word_embeddings"]) == ("tensor", "fsdp")
+
+
+def test_checkpoint_restores_onto_another_mesh(cache_dir, single_device, tmp_path):
+  """Saved on 8 devices with fsdp=8, resumed on 2 devices with data=2: same numbers."""
+  workdir = str(tmp_path / "cross")
+  train.run(_config(cache_dir, 8, MESHES["fsdp8"], num_train_steps=8, stop_after_steps=5),
+            workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["5"]
+  straight = str(tmp_path / "straight")
+  train.run(_config(cache_dir, 1, dict(data=1, fsdp=1, tensor=1), num_train_steps=8), straight)
+  train.run(_config(cache_dir, 2, dict(data=2, fsdp=1, tensor=1), num_train_steps=8), workdir)
+  a, b = _losses(straight), _losses(workdir)
+  for step in (6, 7, 8):
+    for key in KEYS:
+      np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-5, err_msg=f"{key}@{step}")

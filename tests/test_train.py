@@ -1,0 +1,172 @@
+"""End to end on the embedded corpus: losses fall, resume equals an uninterrupted run, export
+loads in transformers, bad input fails at once by name, a non-finite loss stops the run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from deberta_jax import export as export_lib
+from deberta_jax import metrics
+from deberta_jax import train
+from deberta_jax import train_step as ts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("deberta_cache"))
+
+
+def tiny_config(cache_dir, **overrides):
+  c = tiny.get_config()
+  c.data.cache_dir = cache_dir
+  c.mesh.num_devices = 1
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def test_tiny_pretraining_losses_fall(cache_dir, tmp_path):
+  """The README's main job (configs/tiny.py, embedded corpus, 300 steps)."""
+  workdir = str(tmp_path / "run")
+  train.run(tiny_config(cache_dir), workdir)
+  records = metrics.read_metrics(workdir)
+  first, last = records[0], records[-1]
+  print(f"tiny 300 steps: step {first['step']} mlm_loss={first['mlm_loss']:.3f} "
+        f"rtd_loss={first['rtd_loss']:.3f} -> step {last['step']} mlm_loss={last['mlm_loss']:.3f} "
+        f"rtd_loss={last['rtd_loss']:.3f} rtd_accuracy={last['rtd_accuracy']:.3f}")
+  assert last["step"] == 300
+  assert last["mlm_loss"] < first["mlm_loss"] - 1.0
+  assert last["rtd_loss"] < first["rtd_loss"] - 0.1
+  assert last["mlm_accuracy"] > first["mlm_accuracy"]
+  for key in ("mlm_loss", "mlm_accuracy", "rtd_loss", "rtd_accuracy", "replaced_fraction",
+              "learning_rate", "generator_grad_norm", "discriminator_grad_norm",
+              "tokens_per_second"):
+    assert key in last, key
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert os.path.exists(os.path.join(workdir, "checkpoints", "300"))
+
+
+def _short(cache_dir, **overrides):
+  base = {"num_train_steps": 30, "optim.warmup_steps": 5, "ckpt.every_steps": 10,
+          "log.every_steps": 5, "ckpt.async_save": False}
+  return tiny_config(cache_dir, **{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def resumed_run(cache_dir, tmp_path_factory):
+  root = tmp_path_factory.mktemp("resume")
+  straight, resumed = str(root / "straight"), str(root / "resumed")
+  train.run(_short(cache_dir), straight)
+  train.run(_short(cache_dir, stop_after_steps=10), resumed)  # "interrupted" after step 10
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["10"]
+  train.run(_short(cache_dir), resumed)  # the same command again resumes
+  return straight, resumed
+
+
+def test_resume_continues_the_same_trajectory(resumed_run):
+  straight, resumed = resumed_run
+  a = {r["step"]: r for r in metrics.read_metrics(straight)}
+  b = {r["step"]: r for r in metrics.read_metrics(resumed)}
+  assert set(a) == set(b) == {5, 10, 15, 20, 25, 30}
+  for step in (15, 20, 25, 30):
+    for key in ("mlm_loss", "rtd_loss", "generator_grad_norm", "discriminator_grad_norm"):
+      np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-6, err_msg=f"{key}@{step}")
+  print("resume:", {s: (round(a[s]["mlm_loss"], 6), round(b[s]["mlm_loss"], 6)) for s in (15, 30)})
+
+
+def test_export_loads_in_transformers(resumed_run, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from deberta_jax import hf  # pylint: disable=g-import-not-at-top
+  from deberta_jax.models import DebertaEncoder  # pylint: disable=g-import-not-at-top
+  _, workdir = resumed_run
+  out = str(tmp_path / "hf")
+  paths = export_lib.export(workdir, out)
+  assert "generator" in os.path.basename(paths["generator"])
+  assert "discriminator" in os.path.basename(paths["discriminator"])
+  disc, info = transformers.AutoModel.from_pretrained(paths["discriminator"],
+                                                      output_loading_info=True)
+  assert not info["missing_keys"], info
+  gen, info = transformers.DebertaV2ForMaskedLM.from_pretrained(paths["generator"],
+                                                                output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert os.path.exists(os.path.join(paths["discriminator"], "spm.model"))
+  config, params = hf.load_pretrained(paths["discriminator"])
+  rng = np.random.default_rng(0)
+  ids = rng.integers(4, 2000, (2, 64)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 40:] = 0
+  ours = np.asarray(DebertaEncoder(config).apply({"params": params}, ids, mask))
+  with torch.no_grad():
+    ref = disc.eval()(input_ids=torch.tensor(ids, dtype=torch.long),
+                      attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state
+  diff = float(np.abs(ours - ref.numpy())[mask.astype(bool)].max())
+  print(f"export: discriminator hidden states, ours vs transformers: max|diff|={diff:.2e}")
+  assert diff <= 1e-5
+  # The exported embedding is E_G + E_delta of the checkpoint (GDES).
+  ckpt_config, ckpt_params = hf.load_pretrained(paths["generator"])
+  assert ckpt_config.position_table
+  assert not np.array_equal(ckpt_params["embeddings"]["word_embeddings"],
+                            params["embeddings"]["word_embeddings"])
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(cache_dir, tmp_path,
+                                                                       monkeypatch):
+  original = ts.make_train_step
+
+  def poisoned(*args, **kwargs):
+    step_fn = original(*args, **kwargs)
+
+    def step(state, batch):
+      new_state, m = step_fn(state, batch)
+      m["mlm_loss"] = jax.numpy.where(state.step >= 12, jax.numpy.nan, m["mlm_loss"])
+      return new_state, m
+    return step
+
+  monkeypatch.setattr(ts, "make_train_step", poisoned)
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.NonFiniteError, match="steps 11-15"):
+    train.run(_short(cache_dir), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
+
+
+def _cli(*args, cwd=REPO):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  return subprocess.run([sys.executable, "-m", "deberta_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config=configs/tiny.py", "--config.optim.lr_peak=1e-4"], "lr_peak"),
+    (["--config=configs/nonexistent.py"], "configs/nonexistent.py"),
+    (["--config=configs/tiny.py", "--config.model.num_heads=3"], "config.model.num_heads"),
+])
+def test_bad_command_lines_fail_by_name(args, needle, tmp_path):
+  workdir = tmp_path / "untouched"
+  result = _cli(*args, f"--workdir={workdir}")
+  assert result.returncode != 0
+  assert needle in result.stderr, result.stderr[-2000:]
+  assert not workdir.exists()
+
+
+def test_workdir_of_another_model_is_refused(cache_dir, resumed_run):
+  _, workdir = resumed_run
+  before = sorted(os.listdir(workdir))
+  with pytest.raises(train.WorkdirError, match="different model"):
+    train.run(_short(cache_dir, **{"model.hidden_size": 32}), workdir)
+  assert sorted(os.listdir(workdir)) == before
+  with open(os.path.join(workdir, "run.json")) as f:
+    assert json.load(f)["fingerprint"]["discriminator"]["hidden_size"] == 64
