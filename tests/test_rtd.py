@@ -14,6 +14,7 @@ from deberta_jax import masking
 from deberta_jax import optim
 from deberta_jax import train_step as ts
 from deberta_jax.rtd import DELTA, RTDModel
+from tests.overrides import apply_overrides
 
 TOKENS = ts.SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=2000)
 
@@ -23,13 +24,7 @@ def _config(sharing="gdes", **overrides):
   c.model.embedding_sharing = sharing
   c.seq_len = 32
   c.global_batch_size = 8
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return apply_overrides(c, overrides)
 
 
 def _batch(batch=8, length=32, seed=0, pad_from=None):

@@ -16,6 +16,7 @@ from deberta_jax import export as export_lib
 from deberta_jax import metrics
 from deberta_jax import train
 from deberta_jax import train_step as ts
+from tests.overrides import apply_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,13 +30,7 @@ def tiny_config(cache_dir, **overrides):
   c = tiny.get_config()
   c.data.cache_dir = cache_dir
   c.mesh.num_devices = 1
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 def test_tiny_pretraining_losses_fall(cache_dir, tmp_path):
