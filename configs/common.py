@@ -15,10 +15,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_train_steps = 500_000
   c.global_batch_size = 8192
   c.seq_len = 512
-  # Compile the training step for the configured mesh, print memory and FLOPs, and exit.
+  # Compile the training step for the configured mesh, print per-device memory and FLOPs, and
+  # exit without training or writing anything.
   c.dry_run = False
+  # Dry run only: plan for this many devices even if fewer are present (simulated as CPU devices;
+  # memory is XLA's CPU buffer assignment, an estimate of what a TPU/GPU compile would need).
+  c.dry_run_devices = 0
   # Stop after this many steps of this invocation (0 = run to num_train_steps); for smoke runs.
   c.stop_after_steps = 0
+  # A step whose loss or gradient norm is NaN/inf: 'stop' names the step and exits (the last
+  # checkpoint is kept, nothing after the bad step is saved); 'skip' drops that update, counts it,
+  # and goes on, until more than `nonfinite_max_skips` steps have been skipped in this invocation.
+  c.nonfinite = "stop"
+  c.nonfinite_max_skips = 20
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 128100          # embedding rows: 128000 spm pieces + [MASK] + 99 spare
@@ -78,13 +87,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = -1                     # -1 = the remaining devices
   c.mesh.tensor = 1
   # Sequences one device processes per forward/backward; the global batch is reached by
-  # gradient accumulation. 0 = the whole per-device share of the batch in one pass.
+  # gradient accumulation. 0 = automatic: the largest micro-batch whose compiled step fits the
+  # per-device memory budget below (the whole per-device share when no budget is known, e.g. CPU).
   c.mesh.per_device_microbatch = 0
+  # Per-device memory budget in GiB for the automatic micro-batch; 0 = 90% of what the device
+  # reports (TPU/GPU), none on CPU.
+  c.mesh.device_memory_gb = 0.0
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 10_000
   c.ckpt.keep = 3
   c.ckpt.async_save = True
+  # Also checkpoint every this many minutes of wall time (0 = off). Such checkpoints, and the one
+  # written on preemption, are temporary: each is deleted once a newer checkpoint is complete.
+  c.ckpt.every_minutes = 30.0
 
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 100

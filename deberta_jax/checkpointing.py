@@ -71,9 +71,11 @@ Nothing happens at import time; the orbax manager is created in `Checkpointer.__
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -88,6 +90,28 @@ META = "meta"
 
 class CheckpointError(RuntimeError):
   """No restorable checkpoint: none saved, the requested step is unreadable, or all are."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """Writing a checkpoint failed (disk full, permissions, ...); earlier checkpoints are intact."""
+
+
+@dataclasses.dataclass
+class KeepPermanentAndNewest:
+  """Orbax preservation policy: the newest checkpoint, whatever it is, plus the newest `keep`
+  permanent ones. Checkpoints that are not permanent (time-based, or written on preemption)
+  live only until a newer checkpoint is committed."""
+
+  keep: int
+  is_permanent: Callable[[int], bool]
+
+  def should_preserve(self, checkpoints, *, context=None) -> list[bool]:  # pylint: disable=unused-argument
+    steps = [int(c.step) for c in checkpoints]
+    permanent = [s for s in steps if self.is_permanent(s)]
+    kept = set(sorted(permanent)[-self.keep:])
+    if steps:
+      kept.add(max(steps))
+    return [s in kept for s in steps]
 
 
 def is_typed_key(x: Any) -> bool:
@@ -175,6 +199,8 @@ class Checkpointer:
     every_steps: `save(step)` writes when `step % every_steps == 0` (or when forced, or when JAX's
       preemption notice reached this step -- see `reached_preemption`).
     keep: how many of the newest checkpoints to keep; older ones are deleted after each save.
+      With `is_permanent`, only permanent steps count towards `keep`, and any other step is kept
+      only while it is the newest (time-based and preemption checkpoints).
     async_save: write in a background thread after the device->host copy (`save` returns once
       the arrays are copied off the devices); `wait()` blocks until the write is committed.
 
@@ -182,7 +208,8 @@ class Checkpointer:
   thread-safe, like the orbax manager it wraps. Use as a context manager or call `close()`.
   """
 
-  def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True,
+               is_permanent: Callable[[int], bool] | None = None):
     if every_steps < 1:
       raise ValueError(f"every_steps must be >= 1, got {every_steps}")
     if keep < 1:
@@ -205,7 +232,8 @@ class Checkpointer:
             policies.FixedIntervalPolicy(self.every_steps),
             policies.PreemptionCheckpointingPolicy(),
         ]),
-        preservation_policy=policies.LatestN(self.keep),
+        preservation_policy=(policies.LatestN(self.keep) if is_permanent is None else
+                             KeepPermanentAndNewest(self.keep, is_permanent)),
         enable_async_checkpointing=async_save,
         create=True,
         # Delete temporary step directories left behind by a run that crashed mid-save.
@@ -248,7 +276,28 @@ class Checkpointer:
       return False
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(keys_to_data(state)),
                                  META: ocp.args.JsonSave(meta)})
-    return bool(self._manager.save(step, args=args, force=True))
+    with self._writing(step):
+      return bool(self._manager.save(step, args=args, force=True))
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """Turns any failure of a write (this one, or an async one surfacing now) into a
+    CheckpointWriteError that says which checkpoint is still good. Orbax writes into a temporary
+    directory and commits last, so a failed write never looks complete."""
+    try:
+      yield
+    except CheckpointWriteError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      try:
+        good = self.all_steps()
+      except Exception:  # pylint: disable=broad-except
+        good = []
+      kept = (f"the newest complete checkpoint is step {good[-1]}, and a restart resumes from it"
+              if good else "no complete checkpoint exists yet")
+      what = f"step {step}" if step is not None else "a checkpoint"
+      raise CheckpointWriteError(
+          f"writing {what} to {self.directory} failed ({_describe(e)}); {kept}") from e
 
   def reached_preemption(self, step: int) -> bool:
     """True on every host once JAX's preemption notice has reached `step`.
@@ -259,15 +308,23 @@ class Checkpointer:
     return bool(self._manager.reached_preemption(step))
 
   def wait(self) -> None:
-    """Blocks until the in-flight async save (if any) is committed; re-raises its error."""
-    self._manager.wait_until_finished()
+    """Blocks until the in-flight async save (if any) is committed; a failed write raises
+    CheckpointWriteError."""
+    with self._writing(None):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and deletions, then releases orbax's threads."""
-    self._manager.wait_until_finished()
-    self._manager.close()
-    self._state_reader.close()
-    self._meta_reader.close()
+    """Waits for pending saves and deletions, then releases orbax's threads (also when the
+    pending write failed; its CheckpointWriteError is raised after the release)."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except  # the write error above is the news
+        logger.warning("closing the checkpoint manager after a failed write also failed")
+      self._state_reader.close()
+      self._meta_reader.close()
 
   def __enter__(self) -> "Checkpointer":
     return self

@@ -66,12 +66,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{config.data.source!r} is not one of {DATA_SOURCES}")
   _require(config.ckpt.every_steps > 0, "ckpt.every_steps", "must be positive")
   _require(config.ckpt.keep > 0, "ckpt.keep", "must be positive")
+  _require(config.ckpt.every_minutes >= 0, "ckpt.every_minutes", "must be >= 0 (0 = off)")
+  _require(config.nonfinite in ("stop", "skip"), "nonfinite",
+           f"{config.nonfinite!r} is not 'stop' or 'skip'")
+  _require(config.nonfinite_max_skips >= 0, "nonfinite_max_skips", "must be >= 0")
   _require(config.log.every_steps > 0, "log.every_steps", "must be positive")
   for axis in ("data", "fsdp", "tensor"):
     size = config.mesh[axis]
     _require(size == -1 or size >= 1, f"mesh.{axis}", "must be >= 1 or -1 (the rest)")
   _require(config.mesh.num_devices >= 0, "mesh.num_devices", "must be >= 0 (0 = all)")
   _require(config.mesh.per_device_microbatch >= 0, "mesh.per_device_microbatch", "must be >= 0")
+  _require(config.mesh.device_memory_gb >= 0, "mesh.device_memory_gb", "must be >= 0 (0 = auto)")
+  _require(config.dry_run_devices >= 0, "dry_run_devices", "must be >= 0")
   try:
     discriminator_config(config)
     generator_config(config.model)

@@ -17,6 +17,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+
+class MeshError(ValueError):
+  """config.mesh does not fit the devices present; the message names the field."""
+
 # Logical name -> mesh axes. First match wins; a mesh axis is used at most once per array.
 LOGICAL_RULES: tuple[tuple[str, object], ...] = (
     ("batch", ("data", "fsdp")),
@@ -40,15 +44,15 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
   """(data, fsdp, tensor) from config.mesh with at most one -1 filled by the remaining devices."""
   sizes = [int(config.mesh[a]) for a in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError("config.mesh: at most one of data/fsdp/tensor may be -1")
+    raise MeshError("config.mesh: at most one of data/fsdp/tensor may be -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh: {dict(zip(MESH_AXES, sizes))} does not divide the "
+      raise MeshError(f"config.mesh: {dict(zip(MESH_AXES, sizes))} does not divide the "
                        f"{num_devices} devices")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"config.mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
+    raise MeshError(f"config.mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
                      f"{num_devices} devices")
   return tuple(sizes)
 
@@ -59,6 +63,9 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     if config.mesh.get("num_devices", 0):
       devices = devices[: config.mesh.num_devices]
   devices = list(devices)
+  if config.mesh.get("num_devices", 0) > len(jax.devices()):
+    raise MeshError(f"config.mesh.num_devices: {config.mesh.num_devices} asked for, but only "
+                    f"{len(jax.devices())} devices are present")
   shape = mesh_shape(config, len(devices))
   try:
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel

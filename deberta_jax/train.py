@@ -22,6 +22,8 @@ from deberta_jax import checkpointing
 from deberta_jax import config_lib
 from deberta_jax import metrics as metrics_lib
 from deberta_jax import optim
+from deberta_jax import planning
+from deberta_jax import preemption
 from deberta_jax import sharding
 from deberta_jax import train_step as ts
 from deberta_jax.data import pipeline as pipeline_lib
@@ -40,20 +42,37 @@ class WorkdirError(ValueError):
   """The work directory cannot be used for this run."""
 
 
+class Preempted(RuntimeError):
+  """SIGTERM arrived; the current step was checkpointed and the run stopped cleanly."""
+
+
 def check_workdir(config, workdir: str) -> None:
-  """Refuses a workdir that holds a run of a different model shape; never overwrites it."""
-  fingerprint = config_lib.model_fingerprint(config)
+  """Refuses a workdir that cannot be used, without creating or changing anything in it.
+
+  A workdir holding a run of a different model shape is refused (never overwritten); so is a
+  path that is a file, or one that cannot be written (checked on the nearest existing parent
+  when it does not exist yet). The directory is created only once the data checks have passed.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir {workdir} exists and is not a directory")
+  existing = workdir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(os.path.abspath(existing))
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise WorkdirError(f"--workdir {workdir} is not writable ({existing} does not allow writes)")
   path = os.path.join(workdir, RUN_FILE)
   if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f).get("fingerprint")
+    try:
+      with open(path) as f:
+        previous = json.load(f).get("fingerprint")
+    except (OSError, ValueError, AttributeError) as e:
+      raise WorkdirError(f"{path} is unreadable or not a JSON object ({e}); it does not look "
+                         "like a deberta_jax run. Use another --workdir.") from e
+    fingerprint = config_lib.model_fingerprint(config)
     if previous != fingerprint:
       raise WorkdirError(
           f"{workdir} holds a run with a different model ({previous}); this config has "
           f"{fingerprint}. Use another --workdir.")
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
-    raise WorkdirError(f"{workdir} is not writable")
 
 
 def microbatches(config, mesh) -> int:
@@ -104,15 +123,22 @@ def abstract_of(state):
 
 
 def run(config, workdir: str) -> dict:
-  """Trains until config.num_train_steps; returns the last logged metrics."""
-  # --- 1. Config and workdir: everything checkable is checked before any compute.
+  """Trains until config.num_train_steps; returns the last logged metrics.
+
+  Raises Preempted after checkpointing the current step when SIGTERM arrives, NonFiniteError
+  when a loss or gradient is not finite, and ConfigError/DataError/WorkdirError/CheckpointError
+  before any compute for bad input (nothing is written to the workdir then).
+  """
+  # --- 1. Everything checkable is checked before any compute, and before the workdir is touched.
   config_lib.validate(config)
+  if config.dry_run:
+    return dry_run(config)
   check_workdir(config, workdir)
   mesh = sharding.make_mesh(config)
-  num_micro = microbatches(config, mesh)
+  microbatches(config, mesh)
   is_chief = jax.process_index() == 0
 
-  # --- 2. Data.
+  # --- 2. Data (validates the corpus and the vocabulary against the tokenizer).
   pipeline = pipeline_lib.make_pipeline(config, jax.process_index(), jax.process_count())
   tok = pipeline.tokenizer
   tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
@@ -123,75 +149,188 @@ def run(config, workdir: str) -> dict:
   model = RTDModel(config)
   optimizers = ts.make_optimizers(config)
   state, state_shardings = create_state(model, optimizers, config, mesh)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    every_steps=config.ckpt.every_steps, keep=config.ckpt.keep,
-                                    async_save=config.ckpt.async_save)
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every_steps=config.ckpt.every_steps,
+      keep=config.ckpt.keep, async_save=config.ckpt.async_save,
+      is_permanent=lambda s: s % config.ckpt.every_steps == 0 or s == config.num_train_steps)
   if ckpt.latest_step() is not None:
     step, state, meta = ckpt.restore(abstract_of(state))
     pipeline.restore(meta["data"])
     logging.info("Resumed from step %d (%s)", step, ckpt.step_path(step))
   start_step = int(state.step)
 
-  # --- 4. The compiled step.
+  # --- 4. The compiled step (micro-batch size chosen to fit the per-device memory budget).
   batch_sharding = sharding.batch_sharding(mesh)
-  metric_sharding = sharding.replicated(mesh)
-  step_fn = ts.make_train_step(model, optimizers, config, tokens, num_micro)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(state_shardings, metric_sharding), donate_argnums=0)
+  train_step = compiled_step(model, optimizers, config, tokens, mesh, state, state_shardings)
 
-  # --- 5. The loop.
+  # --- 5. The loop. Metrics stay on the device between log steps; every step ends by asking
+  # whether SIGTERM arrived, which costs nothing on one host and a coordination-service query
+  # on several.
   writer = metrics_lib.MetricWriter(workdir, config.num_train_steps, enabled=is_chief)
+  stop = preemption.StopChecker(ckpt)
+  timed = preemption.TimedCheckpoints(config.ckpt.every_minutes)
+  health = StepHealth(config, start_step)
   schedules = _schedules(config)
   tokens_per_step = config.global_batch_size * config.seq_len
-  last = stop_at = config.num_train_steps
+  stop_at = config.num_train_steps
   if config.stop_after_steps:
     stop_at = min(stop_at, start_step + config.stop_after_steps)
-  sums, count, timer = None, 0, None
+  sums, timer, timed_from, preempted = None, None, start_step, False
   last_logged = {}
+
+  def save(step, force):
+    meta = {"data": pipeline.state(), "step": step,
+            "fingerprint": config_lib.model_fingerprint(config)}
+    if ckpt.save(step, state, meta, force=force):
+      timed.saved()
+
   try:
     for step in range(start_step + 1, stop_at + 1):
       batch = _global_batch(pipeline.next_batch(), batch_sharding)
-      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        state, step_metrics = train_step(state, batch)
-      sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
-      count += 1
+      state, step_metrics = train_step(state, batch)
+      sums = step_metrics if sums is None else _accumulate(sums, step_metrics)
       if timer is None:  # the first step includes compilation: time from its end
         jax.block_until_ready(state.step)
         timer, timed_from = time.time(), step
+      preempted = stop.should_stop(step)
       log_now = step % config.log.every_steps == 0 or step == stop_at
-      save_now = step % config.ckpt.every_steps == 0 or step == stop_at
-      if log_now or save_now:
-        scalars = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-        _check_finite(scalars, step, count)
-        if log_now:
-          elapsed = time.time() - timer
-          scalars["learning_rate"] = float(schedules[0](step - 1))
-          if step > timed_from:
-            scalars["tokens_per_second"] = tokens_per_step * (step - timed_from) / elapsed
-          writer.write(step, scalars)
-          last_logged = scalars
-          sums, count = None, 0
-          timer, timed_from = time.time(), step
-      if save_now:
-        ckpt.save(step, state, {"data": pipeline.state(), "step": step,
-                                "fingerprint": config_lib.model_fingerprint(config)},
-                  force=step == stop_at)
+      periodic = step % config.ckpt.every_steps == 0 or step == stop_at
+      timed_now = log_now and timed.due()
+      if not (log_now or periodic or preempted or timed_now):
+        continue
+      # Nothing is saved or logged past a non-finite step: this raises first ('stop' mode).
+      health.add(jax.device_get(sums), step)
+      sums = None
+      if log_now:
+        scalars = health.means()
+        scalars["learning_rate"] = float(schedules[0](step - 1))
+        if step > timed_from:
+          scalars["tokens_per_second"] = tokens_per_step * (step - timed_from) / (
+              time.time() - timer)
+        writer.write(step, scalars)
+        last_logged = scalars
+        health.reset()
+        timer, timed_from = time.time(), step
+      if periodic or preempted or timed_now:
+        save(step, force=step == stop_at or preempted or timed_now)
+      if preempted:
+        break
   finally:
-    ckpt.close()
+    stop.close()
     writer.close()
-  logging.info("Finished at step %d of %d", stop_at, last)
+    ckpt.close()  # waits for the last write; a failed write raises CheckpointWriteError here
+  if preempted:
+    raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint {step} is saved in "
+                    f"{ckpt.step_path(step)}. Rerun the same command to resume.")
+  logging.info("Finished at step %d of %d", stop_at, config.num_train_steps)
   return last_logged
 
 
-def _check_finite(scalars: dict, step: int, count: int) -> None:
-  bad = [k for k in ("mlm_loss", "rtd_loss", "generator_grad_norm", "discriminator_grad_norm")
-         if not np.isfinite(scalars.get(k, 0.0))]
-  if bad:
-    first = step - count + 1
-    where = f"step {step}" if count == 1 else f"steps {first}-{step}"
-    raise NonFiniteError(f"non-finite {', '.join(bad)} at {where}; the run is stopped and the "
-                         "last checkpoint before it is kept")
+class StepHealth:
+  """Host-side running sums of the step metrics since the last log, and the non-finite policy.
+
+  'stop': the first step whose loss or gradient norm is not finite raises NonFiniteError naming
+  it. 'skip': such steps were not applied (train_step dropped the update); they are counted, left
+  out of the averages, and the run stops once more than config.nonfinite_max_skips were skipped.
+  """
+
+  def __init__(self, config, start_step: int):
+    self._last_step = start_step
+    self.policy = config.nonfinite
+    self.max_skips = config.nonfinite_max_skips
+    self.total_skipped = 0
+    self.reset()
+
+  def reset(self):
+    self._sums, self._steps, self._skipped = {}, 0, 0
+
+  def add(self, fetched: dict, step: int) -> None:
+    fetched = dict(fetched)
+    first_bad = float(fetched.pop("first_nonfinite_step"))
+    skipped = int(round(float(fetched.pop("skipped"))))
+    steps, self._last_step = step - self._last_step, step
+    if skipped and self.policy == "stop":
+      raise NonFiniteError(
+          f"non-finite loss or gradient norm at step {int(first_bad)}; the run is stopped and "
+          "the last checkpoint before it is kept (set --config.nonfinite=skip to drop such "
+          "steps instead)")
+    self.total_skipped += skipped
+    if self.total_skipped > self.max_skips:
+      raise NonFiniteError(
+          f"{self.total_skipped} steps had a non-finite loss or gradient norm (the latest at "
+          f"step {int(first_bad)}), more than config.nonfinite_max_skips={self.max_skips}; the "
+          "run is stopped and the last checkpoint is kept")
+    if skipped:
+      logging.warning("Skipped %d non-finite step(s) up to step %d (%d in this run)", skipped,
+                      step, self.total_skipped)
+    for k, v in fetched.items():
+      self._sums[k] = self._sums.get(k, 0.0) + float(v)
+    self._steps += steps
+    self._skipped += skipped
+
+  def means(self) -> dict:
+    applied = max(self._steps - self._skipped, 1)
+    out = {k: v / applied for k, v in self._sums.items()}
+    if self.policy == "skip":
+      out["skipped_steps"] = float(self.total_skipped)
+    return out
+
+
+def _accumulate(sums: dict, step_metrics: dict) -> dict:
+  return {k: (jnp.minimum if k == "first_nonfinite_step" else jnp.add)(sums[k], v)
+          for k, v in step_metrics.items()}
+
+
+def compiled_step(model, optimizers, config, tokens, mesh, state, state_shardings):
+  """The jitted step. With a memory budget (config.mesh.device_memory_gb, or what an accelerator
+  reports) and no explicit micro-batch, the step is compiled ahead of time for the largest
+  micro-batch that fits, and that executable is used; otherwise it compiles on first call."""
+  budget = planning.memory_budget(config)
+  if budget is not None and not config.mesh.per_device_microbatch:
+    plan, tried = planning.plan_step(model, optimizers, config, tokens, mesh, abstract_of(state),
+                                     state_shardings, budget)
+    planning.check_fits(plan, budget)
+    logging.info("Micro-batching %d x %d sequences per device: %.2f GiB of a %.2f GiB budget "
+                 "(%d compilations)", plan.num_micro, plan.per_device_microbatch,
+                 plan.memory.total / planning.GiB, budget / planning.GiB, len(tried))
+    return plan.compiled
+  step_fn = ts.make_train_step(model, optimizers, config, tokens, microbatches(config, mesh))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                     out_shardings=(state_shardings, sharding.replicated(mesh)),
+                     donate_argnums=0)
+  def train_step(state, batch):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      return jitted(state, batch)
+  return train_step
+
+
+def dry_run(config) -> dict:
+  """Compiles the step for the configured mesh without allocating state or reading data, prints
+  per-device memory and FLOPs, and returns them. Writes nothing (the workdir is not touched)."""
+  mesh = sharding.make_mesh(config)
+  microbatches(config, mesh)
+  model = RTDModel(config)
+  optimizers = ts.make_optimizers(config)
+  abstract = abstract_state(model, optimizers, config, mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  # Token ids only steer masking; any distinct ids give the same program.
+  tokens = ts.SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=4)
+  budget = planning.memory_budget(config)
+  plan, tried = planning.plan_step(model, optimizers, config, tokens, mesh, abstract, shardings,
+                                   budget)
+  flops_per_token = planning.analytic_flops_per_token(config)
+  print(planning.format_report(config, mesh, plan, tried, budget, flops_per_token), flush=True)
+  m = plan.memory
+  return {"mesh": dict(mesh.shape), "num_devices": int(mesh.size),
+          "per_device_microbatch": plan.per_device_microbatch, "num_micro": plan.num_micro,
+          "params_bytes": m.params, "optimizer_bytes": m.optimizer, "batch_bytes": m.batch,
+          "temporaries_bytes": m.temporaries, "total_bytes": m.total,
+          "budget_bytes": budget, "fits": budget is None or m.total <= budget,
+          "xla_flops_per_device": (plan.flops_per_device * plan.num_micro
+                                   if plan.flops_per_device is not None else None),
+          "analytic_flops_per_step": (flops_per_token * config.global_batch_size * config.seq_len
+                                      if flops_per_token else None)}
 
 
 def _schedules(config):
@@ -208,6 +347,7 @@ def _global_batch(local: dict, batch_sharding) -> dict:
 
 def _write_run_files(config, workdir: str, tokenizer) -> None:
   """config.json (provenance), run.json (model fingerprint) and the spm model used."""
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     f.write(config_lib.to_json(config))
   run_path = os.path.join(workdir, RUN_FILE)

@@ -139,6 +139,13 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
   temperature = float(config.rtd.temperature)
   mask_prob = float(config.rtd.mask_prob)
   deterministic = config.model.hidden_dropout == 0 and config.model.attention_dropout == 0
+  skip_nonfinite = config.nonfinite == "skip"
+
+  def guard(ok, new, old):
+    """With nonfinite='skip', an update whose loss or gradient is not finite is dropped."""
+    if not skip_nonfinite:
+      return new
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
   def prepare(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -168,9 +175,12 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
 
     gen_params = state.params["generator"]
     gen_grads, gen_sums, outputs = accumulate(generator_loss, gen_params, inputs, num_micro)
+    gen_norm = optax.tree_utils.tree_norm(gen_grads)
+    gen_ok = _finite(gen_sums["mlm_loss_sum"], gen_norm)
     updates, gen_opt = optimizers["generator"].update(
         gen_grads, state.opt_state["generator"], gen_params)
-    gen_params = optax.apply_updates(gen_params, updates)
+    gen_params, gen_opt = guard(gen_ok, (optax.apply_updates(gen_params, updates), gen_opt),
+                                (gen_params, state.opt_state["generator"]))
 
     replaced, is_replaced = masking.replace_tokens(
         inputs["ids"], inputs["positions"], inputs["weights"], outputs["sampled"])
@@ -186,18 +196,21 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
 
     disc_params = state.params["discriminator"]
     disc_grads, disc_sums, _ = accumulate(discriminator_loss, disc_params, disc_inputs, num_micro)
+    disc_norm = optax.tree_utils.tree_norm(disc_grads)
+    disc_ok = _finite(disc_sums["rtd_loss_sum"], disc_norm)
     updates, disc_opt = optimizers["discriminator"].update(
         disc_grads, state.opt_state["discriminator"], disc_params)
-    disc_params = optax.apply_updates(disc_params, updates)
+    disc_params, disc_opt = guard(disc_ok, (optax.apply_updates(disc_params, updates), disc_opt),
+                                  (disc_params, state.opt_state["discriminator"]))
 
     new_state = state.replace(
         step=state.step + 1,
         params={"generator": gen_params, "discriminator": disc_params},
         opt_state={"generator": gen_opt, "discriminator": disc_opt})
     metrics = _metrics({**gen_sums, **disc_sums}, mlm_count, rtd_count)
-    metrics["generator_grad_norm"] = optax.global_norm(gen_grads)
-    metrics["discriminator_grad_norm"] = optax.global_norm(disc_grads)
-    return new_state, metrics
+    metrics["generator_grad_norm"] = gen_norm
+    metrics["discriminator_grad_norm"] = disc_norm
+    return new_state, _health(metrics, gen_ok & disc_ok, new_state.step)
 
   def joint_step(state, batch):
     inputs, (mlm_count, rtd_count), (k_gen, k_sample, k_disc) = prepare(state, batch)
@@ -215,16 +228,34 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
       return gen_loss + disc_loss, ({**gen_sums, **disc_sums}, {})
 
     grads, sums, _ = accumulate(joint_loss, state.params, inputs, num_micro)
+    gen_norm = optax.tree_utils.tree_norm(grads["generator"])
+    disc_norm = optax.tree_utils.tree_norm(grads["discriminator"])
+    ok = _finite(sums["mlm_loss_sum"], sums["rtd_loss_sum"], gen_norm, disc_norm)
     updates, opt = optimizers["joint"].update(grads, state.opt_state["joint"], state.params)
-    new_state = state.replace(step=state.step + 1,
-                              params=optax.apply_updates(state.params, updates),
-                              opt_state={"joint": opt})
+    params, opt = guard(ok, (optax.apply_updates(state.params, updates), opt),
+                        (state.params, state.opt_state["joint"]))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state={"joint": opt})
     metrics = _metrics(sums, mlm_count, rtd_count)
-    metrics["generator_grad_norm"] = optax.global_norm(grads["generator"])
-    metrics["discriminator_grad_norm"] = optax.global_norm(grads["discriminator"])
-    return new_state, metrics
+    metrics["generator_grad_norm"] = gen_norm
+    metrics["discriminator_grad_norm"] = disc_norm
+    return new_state, _health(metrics, ok, new_state.step)
 
   return two_stage_step if "joint" not in optimizers else joint_step
+
+
+def _finite(*values) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(v) for v in values]))
+
+
+def _health(metrics: dict, ok: jax.Array, step: jax.Array) -> dict:
+  """Adds `skipped` (1 when the step's loss or gradient was not finite) and
+  `first_nonfinite_step` (that step's number, +inf when finite; reduced with min over steps).
+  The other metrics of a non-finite step are zeroed so that averages over the finite ones stay
+  readable when such steps are skipped."""
+  out = {k: jnp.where(ok, v, 0.0) for k, v in metrics.items()}
+  out["skipped"] = 1.0 - ok.astype(jnp.float32)
+  out["first_nonfinite_step"] = jnp.where(ok, jnp.inf, step.astype(jnp.float32))
+  return out
 
 
 def _metrics(sums, mlm_count, rtd_count) -> dict:

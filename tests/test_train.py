@@ -16,14 +16,10 @@ from deberta_jax import export as export_lib
 from deberta_jax import metrics
 from deberta_jax import train
 from deberta_jax import train_step as ts
+from tests.faults import poison_from
 from tests.overrides import apply_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("deberta_cache"))
 
 
 def tiny_config(cache_dir, **overrides):
@@ -120,20 +116,9 @@ def test_export_loads_in_transformers(resumed_run, tmp_path):
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(cache_dir, tmp_path,
                                                                        monkeypatch):
-  original = ts.make_train_step
-
-  def poisoned(*args, **kwargs):
-    step_fn = original(*args, **kwargs)
-
-    def step(state, batch):
-      new_state, m = step_fn(state, batch)
-      m["mlm_loss"] = jax.numpy.where(state.step >= 12, jax.numpy.nan, m["mlm_loss"])
-      return new_state, m
-    return step
-
-  monkeypatch.setattr(ts, "make_train_step", poisoned)
+  monkeypatch.setattr(ts, "make_train_step", poison_from(13))
   workdir = str(tmp_path / "nan")
-  with pytest.raises(train.NonFiniteError, match="steps 11-15"):
+  with pytest.raises(train.NonFiniteError, match="at step 13"):
     train.run(_short(cache_dir), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
 
