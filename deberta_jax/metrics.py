@@ -24,10 +24,9 @@ class MetricWriter:
     self._jsonl = None
     self._tb = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._jsonl = _JsonLines(os.path.join(workdir, "metrics.jsonl"))
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))  # also gs:// and s3://
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -36,8 +35,7 @@ class MetricWriter:
     if self._start_time is None:
       self._start_time, self._start_step = now, step
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps(record))
     for name, value in scalars.items():
       self._tb.add_scalar(name, float(value), int(step))
     self._tb.flush()
@@ -59,6 +57,33 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb:
       self._tb.close()
+
+
+class _JsonLines:
+  """Appends lines to a local file; on object stores (gs://, which cannot append) the file is
+  rewritten whole at each write, which for one line per logged step stays small."""
+
+  def __init__(self, path: str):
+    self._remote = "://" in path
+    if self._remote:
+      from etils import epath  # pylint: disable=import-outside-toplevel
+      self._path = epath.Path(path)
+      self._lines = self._path.read_text().splitlines() if self._path.exists() else []
+    else:
+      os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+      self._file = open(path, "a", encoding="utf-8")
+
+  def append(self, line: str) -> None:
+    if self._remote:
+      self._lines.append(line)
+      self._path.write_text("\n".join(self._lines) + "\n")
+    else:
+      self._file.write(line + "\n")
+      self._file.flush()
+
+  def close(self) -> None:
+    if not self._remote:
+      self._file.close()
 
 
 def _duration(seconds: float) -> str:

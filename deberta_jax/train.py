@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax.linen import meta as flax_meta
 import flax.linen as nn
 
@@ -53,18 +53,18 @@ def check_workdir(config, workdir: str) -> None:
   path that is a file, or one that cannot be written (checked on the nearest existing parent
   when it does not exist yet). The directory is created only once the data checks have passed.
   """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise WorkdirError(f"--workdir {workdir} exists and is not a directory")
-  existing = workdir
-  while not os.path.exists(existing):
-    existing = os.path.dirname(os.path.abspath(existing))
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise WorkdirError(f"--workdir {workdir} is not writable ({existing} does not allow writes)")
-  path = os.path.join(workdir, RUN_FILE)
-  if os.path.exists(path):
+  if not _is_remote(workdir):  # object stores (gs://) have no directories or permission bits
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise WorkdirError(f"--workdir {workdir} exists and is not a directory")
+    existing = workdir
+    while not os.path.exists(existing):
+      existing = os.path.dirname(os.path.abspath(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise WorkdirError(f"--workdir {workdir} is not writable ({existing} does not allow writes)")
+  path = epath.Path(workdir) / RUN_FILE
+  if path.exists():
     try:
-      with open(path) as f:
-        previous = json.load(f).get("fingerprint")
+      previous = json.loads(path.read_text()).get("fingerprint")
     except (OSError, ValueError, AttributeError) as e:
       raise WorkdirError(f"{path} is unreadable or not a JSON object ({e}); it does not look "
                          "like a deberta_jax run. Use another --workdir.") from e
@@ -345,15 +345,22 @@ def _global_batch(local: dict, batch_sharding) -> dict:
           for k, v in local.items()}
 
 
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
 def _write_run_files(config, workdir: str, tokenizer) -> None:
-  """config.json (provenance), run.json (model fingerprint) and the spm model used."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config_lib.to_json(config))
-  run_path = os.path.join(workdir, RUN_FILE)
-  if not os.path.exists(run_path):
-    with open(run_path, "w") as f:
-      json.dump({"fingerprint": config_lib.model_fingerprint(config)}, f, indent=2)
-  spm_path = os.path.join(workdir, SPM_FILE)
-  if tokenizer.model_path and os.path.abspath(tokenizer.model_path) != os.path.abspath(spm_path):
-    shutil.copyfile(tokenizer.model_path, spm_path)
+  """config.json (provenance), run.json (model fingerprint) and the spm model used; local paths
+  or object stores (gs://) alike."""
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  (root / CONFIG_FILE).write_text(config_lib.to_json(config))
+  run_path = root / RUN_FILE
+  if not run_path.exists():
+    run_path.write_text(json.dumps({"fingerprint": config_lib.model_fingerprint(config)},
+                                   indent=2))
+  spm_path = root / SPM_FILE
+  same = (not _is_remote(workdir) and
+          os.path.abspath(tokenizer.model_path or "") == os.path.abspath(str(spm_path)))
+  if tokenizer.model_path and not same:
+    spm_path.write_bytes(epath.Path(tokenizer.model_path).read_bytes())

@@ -10,7 +10,7 @@ import pytest
 from deberta_jax import metrics
 from deberta_jax import sharding
 from deberta_jax import train
-from tests.test_train import cache_dir, tiny_config  # pylint: disable=unused-import
+from tests.test_train import tiny_config
 
 MESHES = {
     "data8": dict(data=8, fsdp=1, tensor=1),
@@ -85,3 +85,22 @@ def test_checkpoint_restores_onto_another_mesh(cache_dir, single_device, tmp_pat
   for step in (6, 7, 8):
     for key in KEYS:
       np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-5, err_msg=f"{key}@{step}")
+
+
+def test_dry_run_picks_the_largest_micro_batch_that_fits(cache_dir, tmp_path):
+  """fsdp=8 over 8 devices, 2 sequences per device: a budget that the 2-sequence step exceeds
+  but the 1-sequence step meets makes the plan 2 micro-batches of 1; nothing is written."""
+  config = _config(cache_dir, 8, dict(data=1, fsdp=8, tensor=1), dry_run=True)
+  workdir = tmp_path / "never"
+  roomy = train.run(config, str(workdir))  # no budget on CPU: the whole share in one pass
+  assert not workdir.exists()
+  assert roomy["num_micro"] == 1 and roomy["per_device_microbatch"] == 2 and roomy["fits"]
+  for key in ("params_bytes", "optimizer_bytes", "temporaries_bytes", "xla_flops_per_device"):
+    assert roomy[key] > 0, key
+  # AdamW: mu and nu per parameter, plus a few step counters.
+  assert 0 <= roomy["optimizer_bytes"] - 2 * roomy["params_bytes"] < 1024
+  budget_gb = (roomy["total_bytes"] - 1) / 2**30
+  tight = train.dry_run(_config(cache_dir, 8, dict(data=1, fsdp=8, tensor=1), dry_run=True,
+                                **{"mesh.device_memory_gb": budget_gb}))
+  assert tight["num_micro"] == 2 and tight["per_device_microbatch"] == 1 and tight["fits"]
+  assert tight["total_bytes"] < roomy["total_bytes"]

@@ -1,0 +1,214 @@
+"""Analyses of a pre-training workdir.
+
+  python -m deberta_jax.analyze embeddings --workdir=DIR [--step=N] [--sample_fraction=0.1]
+      [--seed=0]
+
+`embeddings` computes the paper's Table 1 metric: the average cosine similarity over every pair of
+a random sample (10%) of the vocabulary's word pieces, for
+
+  E_G      the generator's word embedding;
+  E_D      the discriminator's effective table: E_G itself under ES, its own table under NES,
+           stop_gradient(E_G) + E_delta under GDES (what fine-tuning starts from);
+  E_delta  GDES only: the discriminator's residual.
+
+The sample is drawn from the spm pieces other than [PAD] [CLS] [SEP] [UNK] ([MASK] and the spare
+rows that pad the table are never part of it); the same rows are used for every table. Rows of
+zero norm (e.g. E_delta of a piece that never occurred in training) have no direction and are
+left out of that table's average; how many rows were used is reported. The all-pairs mean is
+exact and costs O(nH): with unit rows u_i, the mean of the off-diagonal entries of the Gram matrix
+is (||sum_i u_i||^2 - n) / (n (n - 1)).
+
+The last line printed is one JSON object with every number, for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+from absl import app
+from absl import flags
+
+_FLAGS = {}
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so importing this module claims no flag names."""
+  _FLAGS["workdir"] = flags.DEFINE_string("workdir", None,
+                                          "Pre-training workdir (config.json, checkpoints/).")
+  _FLAGS["step"] = flags.DEFINE_integer("step", None,
+                                        "Checkpoint step (default: the newest good one).")
+  _FLAGS["sample_fraction"] = flags.DEFINE_float("sample_fraction", 0.1,
+                                                 "Fraction of the vocabulary sampled.")
+  _FLAGS["seed"] = flags.DEFINE_integer("seed", 0, "Seed of the vocabulary sample.")
+
+EXIT_BAD_INPUT = 2
+NUM_SPECIAL = 4   # [PAD] [CLS] [SEP] [UNK] are ids 0..3
+
+
+# ------------------------------------------------------------------------------------- the metric
+
+def average_cosine_similarity(table) -> tuple[float, int]:
+  """(mean cosine similarity over all pairs i != j of the rows, rows used); zero rows left out."""
+  x = np.asarray(table, np.float64)
+  norms = np.linalg.norm(x, axis=1)
+  keep = norms > 1e-12 * max(1.0, float(norms.max(initial=0.0)))
+  u = x[keep] / norms[keep, None]
+  n = u.shape[0]
+  if n < 2:
+    return float("nan"), n
+  total = u.sum(axis=0)
+  return float((np.dot(total, total) - n) / (n * (n - 1))), n
+
+
+def sample_rows(num_pieces: int, fraction: float, seed: int) -> np.ndarray:
+  """Sorted ids of a uniform sample (without replacement) of the non-special word pieces."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"sample_fraction={fraction} must be in (0, 1]")
+  candidates = np.arange(NUM_SPECIAL, num_pieces)
+  if candidates.size < 2:
+    raise ValueError(f"a vocabulary of {num_pieces} pieces has fewer than 2 word pieces")
+  size = max(2, int(round(fraction * candidates.size)))
+  return np.sort(np.random.default_rng(seed).choice(candidates, size, replace=False))
+
+
+def embedding_tables(params: Mapping[str, Any], sharing: str) -> dict[str, np.ndarray]:
+  """{'E_G', 'E_D'[, 'E_delta']} of a pre-training tree {'generator': ..., 'discriminator': ...}."""
+  from deberta_jax.rtd import DELTA  # pylint: disable=import-outside-toplevel
+  e_g = np.asarray(params["generator"]["embeddings"]["word_embeddings"], np.float32)
+  disc = params["discriminator"]
+  if sharing == "es":
+    return {"E_G": e_g, "E_D": e_g}
+  if sharing == "nes":
+    return {"E_G": e_g, "E_D": np.asarray(disc["embeddings"]["word_embeddings"], np.float32)}
+  if sharing == "gdes":
+    delta = np.asarray(disc[DELTA]["word_embeddings"], np.float32)
+    return {"E_G": e_g, "E_D": e_g + delta, "E_delta": delta}
+  raise ValueError(f"unknown embedding_sharing {sharing!r}")
+
+
+def embedding_similarities(params: Mapping[str, Any], sharing: str, num_pieces: int,
+                           fraction: float = 0.1, seed: int = 0) -> dict[str, Any]:
+  """Table 1's numbers for one parameter tree: {'E_G', 'E_D'[, 'E_delta'], 'sample_size',
+  'rows_used'}."""
+  rows = sample_rows(num_pieces, fraction, seed)
+  out: dict[str, Any] = {"sample_size": int(rows.size), "rows_used": {}}
+  for name, table in embedding_tables(params, sharing).items():
+    value, used = average_cosine_similarity(table[rows])
+    out[name] = value
+    out["rows_used"][name] = used
+  return out
+
+
+# ----------------------------------------------------------------------------- reading a workdir
+
+class WorkdirError(ValueError):
+  """Not a pre-training workdir, or nothing restorable in it."""
+
+
+def is_pretraining_workdir(path: str) -> bool:
+  from deberta_jax import train  # pylint: disable=import-outside-toplevel
+  config_path = os.path.join(path, train.CONFIG_FILE)
+  if not (os.path.isfile(config_path) and os.path.isdir(os.path.join(path, "checkpoints"))):
+    return False
+  try:
+    with open(config_path) as f:
+      return "model" in json.load(f)
+  except (OSError, ValueError):
+    return False
+
+
+def load_workdir(workdir: str, step: int | None = None):
+  """(run config, RTDModel, params as numpy, restored step) of a pre-training workdir.
+
+  Restores on one device of this machine whatever mesh trained the run (as `export` does).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from deberta_jax import checkpointing, sharding, train  # pylint: disable=import-outside-toplevel
+  from deberta_jax import train_step as ts  # pylint: disable=import-outside-toplevel
+  from deberta_jax.rtd import RTDModel  # pylint: disable=import-outside-toplevel
+
+  if not is_pretraining_workdir(workdir):
+    raise WorkdirError(f"{workdir} is not a pre-training workdir (needs config.json with a "
+                       f"'model' section and checkpoints/)")
+  with open(os.path.join(workdir, train.CONFIG_FILE)) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  model = RTDModel(config)
+  optimizers = ts.make_optimizers(config)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1,
+                                    keep=1000, async_save=False)
+  try:
+    restored_step, state, _ = ckpt.restore(train.abstract_state(model, optimizers, config, mesh),
+                                           step)
+  except checkpointing.CheckpointError as e:
+    raise WorkdirError(str(e)) from e
+  finally:
+    ckpt.close()
+  params = jax.tree.map(np.asarray, jax.device_get(state.params))
+  return config, model, params, int(restored_step)
+
+
+def num_pieces_of(workdir: str, config) -> int:
+  """Word pieces of the run's spm model; without one, the embedding rows minus one ([MASK])."""
+  from deberta_jax import train  # pylint: disable=import-outside-toplevel
+  spm = os.path.join(workdir, train.SPM_FILE)
+  if os.path.isfile(spm):
+    from deberta_jax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+    return Tokenizer(spm).num_pieces
+  return int(config.model.vocab_size) - 1
+
+
+def analyze_embeddings(workdir: str, step: int | None = None, fraction: float = 0.1,
+                       seed: int = 0) -> dict[str, Any]:
+  """Table 1's numbers for the checkpoint `step` (default: the newest) of a pre-training workdir."""
+  config, _, params, restored = load_workdir(workdir, step)
+  return embeddings_report(workdir, config, params, restored, fraction, seed)
+
+
+def embeddings_report(workdir: str, config, params, restored: int, fraction: float = 0.1,
+                      seed: int = 0) -> dict[str, Any]:
+  """`analyze_embeddings` of an already restored workdir (`load_workdir`'s values)."""
+  sharing = config.model.embedding_sharing
+  result = embedding_similarities(params, sharing, num_pieces_of(workdir, config), fraction, seed)
+  return {"workdir": workdir, "step": restored, "embedding_sharing": sharing,
+          "sample_fraction": fraction, "seed": seed, **result}
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+  names = [n for n in ("E_G", "E_D", "E_delta") if n in result]
+  lines = [f"average cosine similarity, {result['sample_size']} sampled word pieces "
+           f"({100 * result['sample_fraction']:g}% of the vocabulary, seed {result['seed']}), "
+           f"step {result['step']}",
+           "| sharing | " + " | ".join(names) + " |",
+           "| --- | " + " | ".join("---" for _ in names) + " |",
+           f"| {result['embedding_sharing']} | " +
+           " | ".join(f"{result[n]:.4f}" for n in names) + " |"]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] != "embeddings":
+    raise app.UsageError("usage: python -m deberta_jax.analyze embeddings --workdir=DIR "
+                         "[--step=N] [--sample_fraction=0.1] [--seed=0]")
+  if not _FLAGS["workdir"].value:
+    raise app.UsageError("--workdir is required")
+  try:
+    result = analyze_embeddings(_FLAGS["workdir"].value, _FLAGS["step"].value,
+                                _FLAGS["sample_fraction"].value, _FLAGS["seed"].value)
+  except (WorkdirError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+  print(format_table(result))
+  print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  _define_flags()
+  app.run(main)

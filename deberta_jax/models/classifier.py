@@ -1,0 +1,134 @@
+"""Sequence classification / regression on the [CLS] state: DeBERTaV3's fine-tuning model.
+
+    hidden = DebertaEncoder(input_ids, attention_mask)           # [B, L, H]
+    pooled = gelu(pooler.dense(dropout_p(hidden[:, 0])))           # the reference's ContextPooler
+    logits = classifier(dropout_c(pooled))                         # [B, num_labels]
+
+as transformers' DebertaV2ForSequenceClassification (pooler_dropout p, 0 in the released
+configs; cls_dropout c, "dropout of task layer" in the paper's Table 11). The parameter tree is
+the backbone's (`embeddings`, `encoder`) plus `pooler/dense` and `classifier`, the HF names, so
+`save_pretrained` writes a directory that `DebertaV2ForSequenceClassification.from_pretrained`
+loads without missing keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from deberta_jax.models import attention
+from deberta_jax.models import layers
+from deberta_jax.models.config import ModelConfig
+from deberta_jax.models.encoder import Embeddings, Encoder
+
+BACKBONE_KEYS = ("embeddings", "encoder")
+HEAD_KEYS = ("pooler", "classifier")
+
+
+class ContextPooler(nn.Module):
+  """dropout -> dense(H) -> gelu on the first ([CLS]) position."""
+
+  config: ModelConfig
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, hidden, deterministic: bool):
+    cfg = self.config
+    context = nn.Dropout(self.dropout)(hidden[:, 0], deterministic=deterministic)
+    return layers.gelu(layers.dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(context))
+
+
+class SequenceClassifier(nn.Module):
+  """Backbone + ContextPooler + linear classifier; float32 logits [B, num_labels].
+
+  `num_labels` = 1 is a regression (the logit is the prediction, trained with squared error).
+  """
+
+  config: ModelConfig
+  num_labels: int
+  cls_dropout: float = 0.1
+  pooler_dropout: float = 0.0
+
+  def setup(self):
+    self.embeddings = Embeddings(self.config)
+    self.encoder = Encoder(self.config)
+    self.pooler = ContextPooler(self.config, self.pooler_dropout)
+    self.dropout = nn.Dropout(self.cls_dropout)
+    self.classifier = layers.dense(self.config, self.num_labels, ("mlp", None), "classifier")
+
+  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True):
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    x, _, _ = self.embeddings(input_ids, attention_mask, deterministic)
+    outputs, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic)
+    pooled = self.pooler(outputs[-1], deterministic)
+    pooled = self.dropout(pooled, deterministic=deterministic)
+    return self.classifier(pooled).astype(jnp.float32)
+
+
+def merge_backbone(params: Mapping[str, Any], backbone: Mapping[str, Any]) -> dict:
+  """`params` (a fresh classifier tree) with its embeddings/encoder replaced by `backbone`'s.
+
+  Raises ValueError naming the first parameter whose shape differs or that the backbone lacks;
+  heads the backbone carries (RTD `mask_predictions`, MLM `lm_head`) are ignored.
+  """
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  ours = traverse_util.flatten_dict(dict(params))
+  theirs = traverse_util.flatten_dict({k: backbone[k] for k in BACKBONE_KEYS if k in backbone})
+  out = {}
+  for path, value in ours.items():
+    if path[0] in HEAD_KEYS:
+      out[path] = value
+      continue
+    if path not in theirs:
+      raise ValueError(f"the pre-trained model has no parameter {'/'.join(path)}")
+    new = theirs[path]
+    if tuple(np.shape(new)) != tuple(np.shape(value)):
+      raise ValueError(f"parameter {'/'.join(path)}: pre-trained shape {np.shape(new)}, "
+                       f"model shape {np.shape(value)}")
+    out[path] = new
+  return traverse_util.unflatten_dict(out)
+
+
+def save_pretrained(path: str, model_config: ModelConfig, params: Mapping[str, Any],
+                    num_labels: int, label_names: Sequence[str] | None = None,
+                    spm_model: str | None = None, mask_token_id: int | None = None,
+                    cls_dropout: float | None = None) -> None:
+  """A HF DebertaV2ForSequenceClassification directory of a fine-tuned classifier tree.
+
+  The backbone goes through `deberta_jax.hf.save_pretrained`; the pooler and classifier are added
+  under their HF keys (`pooler.dense.*`, `classifier.*`, torch's [out, in] kernels) and
+  config.json gets the architecture, `num_labels`/`id2label` and `cls_dropout`.
+  """
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  from deberta_jax import hf  # pylint: disable=import-outside-toplevel
+
+  backbone = {k: params[k] for k in BACKBONE_KEYS}
+  hf.save_pretrained(path, model_config, backbone, spm_model, mask_token_id)
+  weights = os.path.join(path, hf.SAFETENSORS_FILE)
+  state = load_file(weights)
+  for torch_name, module in (("pooler.dense", params["pooler"]["dense"]),
+                             ("classifier", params["classifier"])):
+    state[f"{torch_name}.weight"] = np.ascontiguousarray(np.asarray(module["kernel"], np.float32).T)
+    state[f"{torch_name}.bias"] = np.ascontiguousarray(np.asarray(module["bias"], np.float32))
+  save_file(state, weights + ".tmp", metadata={"format": "pt"})
+  os.replace(weights + ".tmp", weights)
+  config_path = os.path.join(path, hf.CONFIG_FILE)
+  with open(config_path) as f:
+    config = json.load(f)
+  names = list(label_names) if label_names else [f"LABEL_{i}" for i in range(num_labels)]
+  config["architectures"] = ["DebertaV2ForSequenceClassification"]
+  config["num_labels"] = num_labels
+  config["id2label"] = {str(i): n for i, n in enumerate(names)}
+  config["label2id"] = {n: i for i, n in enumerate(names)}
+  if num_labels == 1:
+    config["problem_type"] = "regression"
+  if cls_dropout is not None:
+    config["cls_dropout"] = cls_dropout
+  with open(config_path, "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
