@@ -1,0 +1,195 @@
+"""Attention micro-benchmark: disentangled vs plain dot-product attention, fwd and fwd+bwd.
+
+  python -m deberta_jax.attention_bench --batch 32 --seq_len 512 --heads 12 --head_dim 64
+
+Times, at one shape [batch, seq_len, heads x head_dim] and with the same Q/K/V projections in
+every variant (the output projection belongs to the layer, not to attention, in all of them):
+
+  skew         our DisentangledSelfAttention, relative shift of per-distance products
+  gather       our DisentangledSelfAttention, the reference's [B, H, L, L] index gather
+  plain        Q K^T / sqrt(d), the same masked float32 softmax as ours, P V (einsum)
+  dpa_xla      jax.nn.dot_product_attention(implementation='xla'), no mask
+  dpa_cudnn    jax.nn.dot_product_attention(implementation='cudnn'), no mask (GPU, fp16/bf16)
+
+"fwd" is the forward pass; "fwd_bwd" is the gradient of sum(output) with respect to the
+projection parameters, the hidden states and (ours) the relative table, i.e. a training step of
+the attention block. Dropout is off. The batch has no padding (the mask is all ones but is an
+input, as in training). The last line of stdout is one JSON object with the milliseconds, the
+ratios of skew and gather to `plain` and to the fastest plain variant, and the attention-core
+TFLOP/s of each variant under the FlashAttention convention of the spec (section 2.2): forward
+B H (4 L^2 D + 4 L R D), backward B H (10 L^2 D + 12 L R D) with R = 0 for plain attention.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+_BATCH = flags.DEFINE_integer("batch", 32, "Sequences.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Sequence length.")
+_HEADS = flags.DEFINE_integer("heads", 12, "Attention heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Size of one head.")
+_BUCKETS = flags.DEFINE_integer("position_buckets", 256, "Relative position buckets (v3: 256).")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32", "float16"],
+                           "Compute dtype; auto = bfloat16 on accelerators, float32 on CPU.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed calls per variant.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls per variant after compilation.")
+_IMPLS = flags.DEFINE_list("impls", ["skew", "gather", "plain", "dpa_xla", "dpa_cudnn"],
+                           "Variants to time.")
+
+OURS = ("skew", "gather")
+PLAIN = ("plain", "dpa_xla", "dpa_cudnn")
+
+
+def _build(impl: str, batch: int, length: int, heads: int, head_dim: int, buckets: int, dtype):
+  """(fn(params, hidden, rel_table) -> output, params) for one variant."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax.linen import meta  # pylint: disable=import-outside-toplevel
+  from deberta_jax.models import attention, layers  # pylint: disable=import-outside-toplevel
+  from deberta_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+
+  hidden_size = heads * head_dim
+  cfg = ModelConfig(vocab_size=128, hidden_size=hidden_size, num_layers=1, num_heads=heads,
+                    intermediate_size=4 * hidden_size, max_position_embeddings=max(512, length),
+                    position_buckets=buckets, hidden_dropout=0.0, attention_dropout=0.0,
+                    dtype=dtype, attention_impl=impl if impl in OURS else "skew")
+  mask = attention.pair_mask(jnp.ones((batch, length), jnp.int32))
+
+  class Plain(nn.Module):
+    """Same projections as ours, then plain scaled dot-product attention."""
+
+    @nn.compact
+    def __call__(self, hidden, query, rel_table, mask, deterministic):
+      del rel_table, deterministic
+      proj = lambda name: layers.dense(cfg, hidden_size, ("embed", "heads"), name)
+      shape = (batch, length, heads, head_dim)
+      q = proj("query_proj")(query).reshape(shape)
+      k = proj("key_proj")(hidden).reshape(shape)
+      v = proj("value_proj")(hidden).reshape(shape)
+      if impl == "plain":
+        q = (q.astype(jnp.float32) / math.sqrt(head_dim)).astype(q.dtype)
+        scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+        probs = attention.masked_softmax(scores, mask)
+        context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(q.dtype), v)
+      else:
+        context = jax.nn.dot_product_attention(q, k, v, implementation=impl.split("_", 1)[1])
+      return context.reshape(batch, length, hidden_size)
+
+  module = attention.DisentangledSelfAttention(cfg) if impl in OURS else Plain()
+  hidden = jnp.zeros((batch, length, hidden_size), cfg.compute_dtype)
+  rel_table = jnp.zeros((2 * buckets, hidden_size), cfg.compute_dtype)
+  params = meta.unbox(module.init(jax.random.key(0), hidden, hidden, rel_table, mask, True))
+
+  def fn(p, h, r):
+    return module.apply(p, h, h, r, mask, True)
+  return fn, params
+
+
+def _time(fn, args, steps: int, warmup: int) -> float:
+  """Milliseconds per call of a jitted fn (one block at the end of the timed loop)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  out = None
+  for _ in range(max(1, warmup)):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / steps * 1e3
+
+
+def core_flops(batch: int, length: int, heads: int, head_dim: int, relative_slots: int,
+               backward: bool) -> float:
+  """Attention-core FLOPs, FlashAttention convention (spec 2.2); relative_slots = 0 for plain."""
+  fwd = batch * heads * (4 * length**2 * head_dim + 4 * length * relative_slots * head_dim)
+  if not backward:
+    return fwd
+  return fwd + batch * heads * (10 * length**2 * head_dim + 12 * length * relative_slots * head_dim)
+
+
+def measure(batch: int, length: int, heads: int, head_dim: int, buckets: int, dtype: str,
+            impls, steps: int, warmup: int) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from deberta_jax import flops  # pylint: disable=import-outside-toplevel
+
+  device = jax.local_devices()[0]
+  if dtype == "auto":
+    dtype = "float32" if device.platform == "cpu" else "bfloat16"
+  r = flops.relative_slots(buckets, length)
+  key = jax.random.key(1)
+  ms, errors, tflops = {}, {}, {}
+  for impl in impls:
+    try:
+      fn, params = _build(impl, batch, length, heads, head_dim, buckets, dtype)
+      dt = jnp.dtype(dtype)
+      hidden = jax.random.normal(key, (batch, length, heads * head_dim), jnp.float32).astype(dt)
+      rel = jax.random.normal(key, (2 * buckets, heads * head_dim), jnp.float32).astype(dt)
+      fwd = jax.jit(fn)
+      loss = lambda p, h, t: jnp.sum(fn(p, h, t).astype(jnp.float32))
+      fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+      args = (params, hidden, rel)
+      ms[impl] = {"fwd": _time(fwd, args, steps, warmup),
+                  "fwd_bwd": _time(fwd_bwd, args, steps, warmup)}
+      slots = r if impl in OURS else 0
+      tflops[impl] = {
+          "fwd": core_flops(batch, length, heads, head_dim, slots, False) / ms[impl]["fwd"] / 1e9,
+          "fwd_bwd": (core_flops(batch, length, heads, head_dim, slots, True)
+                      / ms[impl]["fwd_bwd"] / 1e9)}
+    except Exception as e:  # pylint: disable=broad-except  # e.g. cudnn on CPU
+      errors[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+  ratios = {}
+  plain_done = [p for p in PLAIN if p in ms]
+  for ours in OURS:
+    if ours not in ms:
+      continue
+    for kind in ("fwd", "fwd_bwd"):
+      if "plain" in ms:
+        ratios[f"{ours}_vs_plain_{kind}"] = ms[ours][kind] / ms["plain"][kind]
+      if plain_done:
+        best = min(ms[p][kind] for p in plain_done)
+        ratios[f"{ours}_vs_best_plain_{kind}"] = ms[ours][kind] / best
+  return {"batch": batch, "seq_len": length, "heads": heads, "head_dim": head_dim,
+          "position_buckets": buckets, "relative_slots": r, "dtype": dtype,
+          "device": device.device_kind, "platform": device.platform,
+          "jax_version": jax.__version__, "ms": ms, "ratios": ratios,
+          "core_tflops_per_second": tflops, "errors": errors}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  unknown = [i for i in _IMPLS.value if i not in OURS + PLAIN]
+  if unknown:
+    raise app.UsageError(f"--impls: unknown {unknown}; choose from {OURS + PLAIN}")
+  r = measure(_BATCH.value, _SEQ_LEN.value, _HEADS.value, _HEAD_DIM.value, _BUCKETS.value,
+              _DTYPE.value, _IMPLS.value, _STEPS.value, _WARMUP.value)
+  print(f"attention B={r['batch']} L={r['seq_len']} heads={r['heads']} d={r['head_dim']} "
+        f"R={r['relative_slots']} {r['dtype']} on {r['device']} (jax {r['jax_version']})")
+  for impl, t in r["ms"].items():
+    rate = r["core_tflops_per_second"][impl]
+    print(f"  {impl:10s} fwd {t['fwd']:9.3f} ms  fwd+bwd {t['fwd_bwd']:9.3f} ms   "
+          f"core {rate['fwd']:7.2f} / {rate['fwd_bwd']:7.2f} TFLOP/s")
+  for impl, err in r["errors"].items():
+    print(f"  {impl:10s} skipped: {err}")
+  for name, value in r["ratios"].items():
+    print(f"  {name}: {value:.2f}x")
+  print(json.dumps(r), flush=True)
+
+
+def run():
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
