@@ -497,6 +497,11 @@ def configure(config, seq_len: int | None, batch: int | None, num_devices: int):
   return config
 
 
+def _progress(message: str) -> None:
+  """Stage timestamps on stderr, so a run cut short by a time limit still shows where it was."""
+  print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def measure(config, steps: int, warmup: int, reference: str = "none",
             torch_compile: bool = False, repeats: int = 1, torch_threads: int = 0,
             profile_dir: str | None = None) -> dict:
@@ -518,10 +523,16 @@ def measure(config, steps: int, warmup: int, reference: str = "none",
       logging.warning("JAX runs on %s but torch has no such device: the reference runs on CPU "
                       "and the speedup compares different devices", platform)
     if torch_device == "cuda":  # reference first, then its cache is freed for JAX
+      _progress("torch reference: start")
       ref = bench_torch(config, batches, steps, warmup, torch_device, torch_compile, repeats,
                         torch_threads)
+      _progress(f"torch reference: {ref['reference_tokens_per_second']:.0f} tokens/s")
+  _progress("jax: build, compile and time")
   ours = bench_jax(config, batches, steps, warmup, repeats, profile_dir)
+  _progress(f"jax: {ours['tokens_per_second']:.0f} tokens/s (compile "
+            f"{ours['compile_seconds']:.1f} s)")
   if reference == "torch" and ref is None:
+    _progress("torch reference: start")
     ref = bench_torch(config, batches, steps, warmup, torch_device, torch_compile, repeats,
                         torch_threads)
 
