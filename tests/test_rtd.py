@@ -165,6 +165,9 @@ def test_gdes_discriminator_update_uses_the_updated_generator_embedding():
   step = jax.jit(ts.make_train_step(model, optimizers, config, TOKENS, 1))
   new, metrics = step(state, _batch())  # the first update has learning rate 0 (warmup)
   new, metrics = step(new, _batch(seed=1))
+  # first_nonfinite_step is +inf by design when the step was finite.
+  assert float(metrics.pop("first_nonfinite_step")) == float("inf")
+  assert float(metrics.pop("skipped")) == 0.0
   chex.assert_tree_all_finite(metrics)
   delta = new.params["discriminator"][DELTA]["word_embeddings"]
   assert float(jnp.abs(delta).max()) > 0
