@@ -218,13 +218,28 @@ def test_skip_mode_drops_a_non_finite_update_and_applies_a_finite_one():
 def test_skip_mode_counts_skipped_steps_and_goes_on(cache_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(ts, "make_train_step", poison_from(8, skip=True))
   workdir = str(tmp_path / "skip")
+  # Also: a wall-clock checkpoint is due at every log step (every_minutes tiny); those are
+  # temporary, so only permanent steps (multiples of 5, and the last) may remain.
   config = tiny_config(cache_dir, **{"nonfinite": "skip", "nonfinite_max_skips": 100,
-                                     "num_train_steps": 12, "log.every_steps": 4})
+                                     "num_train_steps": 12, "log.every_steps": 4,
+                                     "ckpt.every_minutes": 1e-9, "ckpt.async_save": False})
+  saved = []
+  original_save = checkpointing.Checkpointer.save
+
+  def recording_save(self, step, *args, **kwargs):
+    started = original_save(self, step, *args, **kwargs)
+    if started:
+      saved.append(step)
+    return started
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "save", recording_save)
   train.run(config, workdir)
   records = _by_step(workdir)
   assert records[12]["skipped_steps"] == 5.0           # steps 8..12
   assert np.isfinite(records[8]["mlm_loss"])           # averages leave skipped steps out
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "12"
+  assert saved == [4, 5, 8, 10, 12], saved             # timed at log steps 4, 8; periodic 5, 10
+  kept = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")))
+  assert kept == [10, 12], kept                         # keep=2 permanent; 4 and 8 were temporary
 
 
 def test_skip_mode_stops_after_too_many_skips():
