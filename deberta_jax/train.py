@@ -269,8 +269,9 @@ class StepHealth:
     self._skipped += skipped
 
   def means(self) -> dict:
-    applied = max(self._steps - self._skipped, 1)
-    out = {k: v / applied for k, v in self._sums.items()}
+    applied = self._steps - self._skipped
+    # An interval whose every step was skipped has no losses to report (not zeros).
+    out = {k: v / applied for k, v in self._sums.items()} if applied > 0 else {}
     if self.policy == "skip":
       out["skipped_steps"] = float(self.total_skipped)
     return out
