@@ -114,10 +114,9 @@ def bench_jax(config, batches, steps: int, warmup: int, repeats: int = 1,
   Times `repeats` windows of `steps` steps (one block_until_ready per window) and reports the
   median window's seconds per step.
   """
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from deberta_jax import sharding, train  # pylint: disable=import-outside-toplevel
+  from deberta_jax import planning, sharding, train  # pylint: disable=import-outside-toplevel
   from deberta_jax import train_step as ts  # pylint: disable=import-outside-toplevel
   from deberta_jax.rtd import RTDModel  # pylint: disable=import-outside-toplevel
 
@@ -134,13 +133,9 @@ def bench_jax(config, batches, steps: int, warmup: int, repeats: int = 1,
   on_device = [{k: jax.make_array_from_process_local_data(batch_sharding, v)
                 for k, v in b.items()} for b in batches]
   tokens = ts.SpecialTokens(*special_ids(config.model.vocab_size))
-  step_fn = ts.make_train_step(model, optimizers, config, tokens, num_micro)
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                     out_shardings=(state_shardings, sharding.replicated(mesh)),
-                     donate_argnums=0)
-    compiled = jitted.lower(state, on_device[0]).compile()
+  compiled = planning.compile_step(model, optimizers, config, tokens, mesh,
+                                   train.abstract_of(state), state_shardings, num_micro).compiled
   compile_seconds = time.perf_counter() - t0
 
   metrics = None

@@ -283,27 +283,23 @@ def _accumulate(sums: dict, step_metrics: dict) -> dict:
 
 
 def compiled_step(model, optimizers, config, tokens, mesh, state, state_shardings):
-  """The jitted step. With a memory budget (config.mesh.device_memory_gb, or what an accelerator
-  reports) and no explicit micro-batch, the step is compiled ahead of time for the largest
-  micro-batch that fits, and that executable is used; otherwise it compiles on first call."""
+  """The step, compiled ahead of time (planning.plan_step). With a memory budget
+  (config.mesh.device_memory_gb, or what an accelerator reports) and no explicit micro-batch,
+  it is compiled for the largest micro-batch that fits; a run that cannot fit is refused."""
   budget = planning.memory_budget(config)
-  if budget is not None and not config.mesh.per_device_microbatch:
-    plan, tried = planning.plan_step(model, optimizers, config, tokens, mesh, abstract_of(state),
-                                     state_shardings, budget)
-    planning.check_fits(plan, budget)
+  plan, tried = planning.plan_step(model, optimizers, config, tokens, mesh, abstract_of(state),
+                                   state_shardings, budget)
+  if budget is not None:
+    if config.mesh.per_device_microbatch:  # the user's explicit choice: warn, do not refuse
+      if plan.memory.total > budget:
+        logging.warning("The step needs %.2f GiB per device, more than the %.2f GiB budget",
+                        plan.memory.total / planning.GiB, budget / planning.GiB)
+    else:
+      planning.check_fits(plan, budget)
     logging.info("Micro-batching %d x %d sequences per device: %.2f GiB of a %.2f GiB budget "
                  "(%d compilations)", plan.num_micro, plan.per_device_microbatch,
                  plan.memory.total / planning.GiB, budget / planning.GiB, len(tried))
-    return plan.compiled
-  step_fn = ts.make_train_step(model, optimizers, config, tokens, microbatches(config, mesh))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    jitted = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                     out_shardings=(state_shardings, sharding.replicated(mesh)),
-                     donate_argnums=0)
-  def train_step(state, batch):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      return jitted(state, batch)
-  return train_step
+  return plan.compiled
 
 
 def dry_run(config) -> dict:
