@@ -625,11 +625,18 @@ def main(argv):
   if _REFERENCE.value == "torch":
     # Both frameworks share one accelerator: JAX must not grab 75% of it up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  config = _CONFIG.value
+  # As training does: one CPU device per core (a no-op on accelerators). With no --batch the
+  # global batch is 8 per device, which any device count divides.
+  from deberta_jax import cpu_devices  # pylint: disable=import-outside-toplevel
+  split = config.copy_and_resolve_references()
+  split.global_batch_size = (_BATCH.value if _BATCH.value is not None
+                             else 8 * cpu_devices.available_cores())
+  cpu_devices.apply(split)
   # Imported here so that nothing touches jax before the environment is settled.
   import jax  # pylint: disable=import-outside-toplevel
   from deberta_jax import config_lib, sharding  # pylint: disable=import-outside-toplevel
 
-  config = _CONFIG.value
   try:
     devices = jax.devices()
     if config.mesh.get("num_devices", 0):

@@ -75,6 +75,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     size = config.mesh[axis]
     _require(size == -1 or size >= 1, f"mesh.{axis}", "must be >= 1 or -1 (the rest)")
   _require(config.mesh.num_devices >= 0, "mesh.num_devices", "must be >= 0 (0 = all)")
+  _require(config.mesh.cpu_devices >= 0, "mesh.cpu_devices", "must be >= 0 (0 = one per core)")
   _require(config.mesh.per_device_microbatch >= 0, "mesh.per_device_microbatch", "must be >= 0")
   _require(config.mesh.device_memory_gb >= 0, "mesh.device_memory_gb", "must be >= 0 (0 = auto)")
   _require(config.dry_run_devices >= 0, "dry_run_devices", "must be >= 0")

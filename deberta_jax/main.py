@@ -64,6 +64,9 @@ def main(argv):
   config = _load_config()
   if config.dry_run and config.dry_run_devices:
     _simulate_devices(config.dry_run_devices)
+  else:
+    from deberta_jax import cpu_devices  # pylint: disable=import-outside-toplevel
+    cpu_devices.apply(config)
   # Imported here so that nothing touches jax before flags (and XLA_FLAGS) are settled.
   from deberta_jax import checkpointing, config_lib, distributed, hf, train  # pylint: disable=import-outside-toplevel
   from deberta_jax.data import DataError  # pylint: disable=import-outside-toplevel

@@ -254,3 +254,34 @@ def test_tiny_is_well_under_a_million_parameters():
   disc = counts["discriminator"] - sum(int(np.prod(x.shape)) for x in
                                        jax.tree.leaves(params["discriminator"][DELTA]))
   assert counts["generator"] + disc < 1_000_000, counts
+
+
+@pytest.mark.parametrize("vocab", [7, 256, 300, 2048])
+def test_sampling_follows_the_softmax(vocab):
+  """200k draws per distribution against softmax(logits / T): every entry's frequency lies
+  within 5 standard deviations, and zero-weight entries are never drawn."""
+  draws = 200_000
+  logits = jax.random.normal(jax.random.key(vocab), (vocab,)) * 3.0
+  logits = logits.at[vocab // 2].set(jnp.finfo(jnp.float32).min)   # a padded-like entry
+  temperature = 1.5
+  samples = masking.sample_replacements(jax.random.key(1), jnp.broadcast_to(logits, (draws, vocab)),
+                                        temperature)
+  counts = np.bincount(np.asarray(samples), minlength=vocab)
+  chex.assert_shape(counts, (vocab,))
+  probs = np.asarray(jax.nn.softmax(logits / temperature))
+  assert counts[vocab // 2] == 0
+  sd = np.sqrt(draws * probs * (1 - probs)) + 1.0
+  assert np.all(np.abs(counts - draws * probs) < 5 * sd), np.max(np.abs(counts - draws * probs) / sd)
+
+
+def test_sampling_shapes_and_keys():
+  logits = jax.random.normal(jax.random.key(0), (3, 5, 600))
+  a = masking.sample_replacements(jax.random.key(1), logits, 1.0)
+  b = masking.sample_replacements(jax.random.key(2), logits, 1.0)
+  chex.assert_shape(a, (3, 5))
+  chex.assert_type(a, jnp.int32)
+  assert int(a.min()) >= 0 and int(a.max()) < 600
+  assert not np.array_equal(np.asarray(a), np.asarray(b))
+  # A near-one-hot distribution is drawn (almost) deterministically.
+  peaked = jnp.zeros((4, 600)).at[:, 123].set(60.0)
+  np.testing.assert_array_equal(masking.sample_replacements(jax.random.key(3), peaked, 1.0), 123)

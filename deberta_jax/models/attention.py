@@ -27,12 +27,14 @@ from deberta_jax.models.config import ModelConfig
 def relative_terms_gather(q, k, qr, kr, idx):
   """c2p + p2c by gathering [L, R] products at idx: the reference formulation.
 
-  q, k: [B, L, n, d] (q pre-scaled); qr (pre-scaled), kr: [R, n, d]; idx: [L, L] rows of the band.
+  q, k: [B, n, L, d] (q pre-scaled); qr (pre-scaled), kr: [R, n, d]; idx: [L, L] rows of the band.
   Returns [B, n, L, L] float32.
   """
-  batch, length, heads, _ = q.shape
-  c2p = jnp.einsum("bqnd,rnd->bnqr", q, kr, preferred_element_type=jnp.float32)
-  p2c = jnp.einsum("rnd,bknd->bnrk", qr, k, preferred_element_type=jnp.float32)
+  batch, heads, length, _ = q.shape
+  c2p = jnp.einsum("bnqd,bnrd->bnqr", q, _per_sequence(kr, batch),
+                   preferred_element_type=jnp.float32)
+  p2c = jnp.einsum("bnrd,bnkd->bnrk", _per_sequence(qr, batch), k,
+                   preferred_element_type=jnp.float32)
   index = jnp.broadcast_to(jnp.asarray(idx), (batch, heads, length, length))
   return (jnp.take_along_axis(c2p, index, axis=-1) + jnp.take_along_axis(p2c, index, axis=-2))
 
@@ -43,12 +45,28 @@ def relative_terms_skew(q, k, qr_by_distance, kr_by_distance):
   Both relative terms depend on (i, j) only through the distance i - j, so the projections are
   taken for each of the 2L-1 distances (rows of the relative table gathered by distance: a tiny
   [2L-1, H] gather) and the [L, 2L-1] products are re-indexed by pad + reshape + slice.
-  Row t of *_by_distance holds distance t - (L-1).
+  q, k: [B, n, L, d]; row t of *_by_distance [2L-1, n, d] holds distance t - (L-1).
   """
-  c2p = jnp.einsum("bqnd,tnd->bnqt", q, kr_by_distance, preferred_element_type=jnp.float32)
-  p2c = jnp.einsum("tnd,bknd->bnkt", qr_by_distance, k, preferred_element_type=jnp.float32)
-  # c2p[i, j] = c2p[i, (L-1) + i - j] = flipped[i, (L-1) - i + j];  p2c[i, j] = p2c[j, (L-1) + i - j].
-  return _skew(jnp.flip(c2p, axis=-1)) + jnp.swapaxes(_skew(p2c), -1, -2)
+  batch = q.shape[0]
+  # c2p[i, j] = c2p[i, (L-1) + i - j]: reversing the (small) distance axis of kr turns that into
+  # reversed[i, (L-1) - i + j], the form _skew reads.  p2c[i, j] = p2c[j, (L-1) + i - j].
+  kr_reversed = _per_sequence(jnp.flip(kr_by_distance, axis=0), batch)
+  c2p = jnp.einsum("bnqd,bntd->bnqt", q, kr_reversed, preferred_element_type=jnp.float32)
+  p2c = jnp.einsum("bnkd,bntd->bnkt", k, _per_sequence(qr_by_distance, batch),
+                   preferred_element_type=jnp.float32)
+  return _skew(c2p) + jnp.swapaxes(_skew(p2c), -1, -2)
+
+
+def _per_sequence(rel: jax.Array, batch: int) -> jax.Array:
+  """[R, n, d] -> [B, n, R, d] (a broadcast, not a copy in the math).
+
+  With the relative operand laid out like q and k, every product is a plain batched matmul over
+  (batch, head) whose [B, n, L, R] result needs no transpose; with [R, n, d] as is, XLA computes
+  [n, B*L, R] and then copies the largest tensor of the layer into [B, n, L, R] (forward and
+  backward), which made the relative terms 2x slower on CPU.
+  """
+  rel = jnp.swapaxes(rel, 0, 1)
+  return jnp.broadcast_to(rel[None], (batch,) + rel.shape)
 
 
 def _skew(y: jax.Array) -> jax.Array:
@@ -74,16 +92,16 @@ class DisentangledSelfAttention(nn.Module):
     query_proj, key_proj, value_proj = proj("query_proj"), proj("key_proj"), proj("value_proj")
 
     scale = jnp.float32(1.0 / math.sqrt(head * 3))  # three score terms: c2c + c2p + p2c
-    q = query_proj(query).reshape(batch, length, heads, head)
-    k = key_proj(hidden).reshape(batch, length, heads, head)
-    v = value_proj(hidden).reshape(batch, length, heads, head)
-    q = layers.constrain(q, ("batch", "length", "act_heads", "kv"))
-    k = layers.constrain(k, ("batch", "length", "act_heads", "kv"))
+    # Head-major [B, n, L, d]: every attention product is then a batched matmul over (B, n).
+    split = lambda x: jnp.swapaxes(x.reshape(batch, length, heads, head), 1, 2)
+    q, k, v = split(query_proj(query)), split(key_proj(hidden)), split(value_proj(hidden))
+    q = layers.constrain(q, ("batch", "act_heads", "length", "kv"))
+    k = layers.constrain(k, ("batch", "act_heads", "length", "kv"))
 
     q_scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    scores = jnp.einsum("bqnd,bknd->bnqk", q_scaled, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bnqd,bnkd->bnqk", q_scaled, k, preferred_element_type=jnp.float32)
 
-    pos_dropout = nn.Dropout(cfg.hidden_dropout, name="pos_dropout")
+    pos_dropout = layers.Dropout(cfg.hidden_dropout, name="pos_dropout")
     buckets, max_distance = cfg.position_buckets, cfg.max_relative_distance
     if cfg.attention_impl == "skew":
       # One table row per distance i - j; dropout first so equal buckets share one mask.
@@ -106,9 +124,9 @@ class DisentangledSelfAttention(nn.Module):
       scores = scores + relative_terms_gather(q_scaled, k, qr_scaled, kr, idx - lo)
 
     probs = masked_softmax(scores, mask)
-    probs = nn.Dropout(cfg.attention_dropout, name="attention_dropout")(
+    probs = layers.Dropout(cfg.attention_dropout, name="attention_dropout")(
         probs, deterministic=deterministic)
-    context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(cfg.compute_dtype), v)
+    context = jnp.einsum("bnqk,bnkd->bqnd", probs.astype(cfg.compute_dtype), v)
     return context.reshape(batch, length, heads * head)
 
 

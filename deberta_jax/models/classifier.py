@@ -39,7 +39,7 @@ class ContextPooler(nn.Module):
   @nn.compact
   def __call__(self, hidden, deterministic: bool):
     cfg = self.config
-    context = nn.Dropout(self.dropout)(hidden[:, 0], deterministic=deterministic)
+    context = layers.Dropout(self.dropout)(hidden[:, 0], deterministic=deterministic)
     return layers.gelu(layers.dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(context))
 
 
@@ -58,7 +58,7 @@ class SequenceClassifier(nn.Module):
     self.embeddings = Embeddings(self.config)
     self.encoder = Encoder(self.config)
     self.pooler = ContextPooler(self.config, self.pooler_dropout)
-    self.dropout = nn.Dropout(self.cls_dropout)
+    self.dropout = layers.Dropout(self.cls_dropout)
     self.classifier = layers.dense(self.config, self.num_labels, ("mlp", None), "classifier")
 
   def __call__(self, input_ids, attention_mask=None, deterministic: bool = True):

@@ -35,7 +35,7 @@ class Embeddings(nn.Module):
     x = jnp.take(word_embeddings, input_ids, axis=0).astype(cfg.compute_dtype)
     x = layers.layer_norm(cfg, "LayerNorm")(x)
     x = x * attention_mask[..., None].astype(x.dtype)
-    x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    x = layers.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
     x = layers.constrain(x, ("batch", "length", "act_embed"))
     positions = None
     if cfg.position_table:
@@ -61,12 +61,12 @@ class Layer(nn.Module):
     context = attention.DisentangledSelfAttention(cfg, name="attention")(
         hidden, query, rel_table, mask, deterministic)
     out = layers.dense(cfg, cfg.hidden_size, ("heads", "embed"), "attention_output")(context)
-    out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+    out = layers.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
     a = layers.layer_norm(cfg, "attention_LayerNorm")(out + query)
     h = layers.gelu(layers.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(a))
     h = layers.constrain(h, ("batch", "length", "act_mlp"))
     out = layers.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(h)
-    out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+    out = layers.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
     out = layers.layer_norm(cfg, "output_LayerNorm")(out + a)
     return layers.constrain(out, ("batch", "length", "act_embed"))
 

@@ -1,0 +1,74 @@
+"""One XLA device per CPU core when training on a CPU.
+
+XLA:CPU runs most operations of a step (its fused elementwise kernels and YNNPACK's small
+matmuls) on a single thread each, and spreads work over cores only where independent operations
+happen to be ready together. On the 2-core development machine that left the cores ~40% idle
+during a tiny training step. Exposing the host as N devices and letting the mesh put a slice of
+the batch on each (the same data/fsdp parallelism as on a pod) keeps every core busy: the tiny
+step went from 161 to 145 ms. Where parameter-sized work dominates (small's 128k-row tables and
+their AdamW updates, which XLA already spreads over threads) the split only adds the mesh's
+gathers and was slower (2.9 s -> 3.9 s), hence a per-config choice (docs/benchmarks.md).
+
+The device count is an XLA flag read once, when JAX starts its CPU backend, so `apply` must run
+before jax is imported. On GPU/TPU hosts the flag only shapes the unused CPU backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def available_cores() -> int:
+  """Cores this process may run on (cgroup/affinity aware where the OS says)."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except (AttributeError, OSError):  # not Linux
+    return max(1, os.cpu_count() or 1)
+
+
+def device_count(config, cores: int) -> int:
+  """How many CPU devices a run of `config` should see.
+
+  `config.mesh.cpu_devices` N >= 1 is taken as is (1: the host is one device). 0 means as many
+  as there are cores, reduced to the largest count the mesh and the global batch accept: with
+  an explicit mesh (no -1 axis) exactly data*fsdp*tensor; with a -1 axis a multiple of the
+  explicit axes whose data-parallel part divides the global batch (and its micro-batch).
+  """
+  requested = int(config.mesh.get("cpu_devices", 1))
+  if requested > 0:
+    return requested
+  if config.mesh.get("num_devices", 0):
+    return int(config.mesh.num_devices)
+  sizes = {axis: int(config.mesh[axis]) for axis in ("data", "fsdp", "tensor")}
+  known = math.prod(size for size in sizes.values() if size != -1)
+  if -1 not in sizes.values():
+    return known
+  micro = max(1, int(config.mesh.get("per_device_microbatch", 0)))
+  for filled in range(max(1, cores // known), 0, -1):  # the size the -1 axis would get
+    data_parallel = math.prod(sizes[axis] for axis in ("data", "fsdp") if sizes[axis] != -1)
+    if sizes["tensor"] != -1:  # the -1 axis is data or fsdp
+      data_parallel *= filled
+    if config.global_batch_size % (data_parallel * micro) == 0:
+      return known * filled
+  return known
+
+
+def apply(config, cores: int | None = None) -> int | None:
+  """Sets XLA's host device count for `config` before jax starts; returns it, or None when the
+  environment already decides (XLA_FLAGS names a count: tests, dry runs, the user)."""
+  if DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
+    return None
+  count = device_count(config, available_cores() if cores is None else cores)
+  if count == 1:
+    return 1  # XLA's default
+  if "jax" in sys.modules:
+    logging.warning("mesh.cpu_devices=%d not applied: jax was imported before the CPU device "
+                    "count could be set; the host stays one device", count)
+    return None
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}={count}".strip()
+  return count

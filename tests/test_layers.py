@@ -1,0 +1,77 @@
+"""The building blocks' own contracts: the 16-bit dropout and the head-major skew attention."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deberta_jax.models import attention
+from deberta_jax.models import layers
+
+
+def _apply_dropout(rate, x, seed=0, deterministic=False):
+  module = layers.Dropout(rate)
+  return module.apply({}, x, deterministic=deterministic, rngs={"dropout": jax.random.key(seed)})
+
+
+@pytest.mark.parametrize("shape", [(64, 255), (7, 3, 129), (1,), ()])
+def test_dropout_drops_at_the_rate_and_keeps_the_expectation(shape):
+  x = jnp.ones(shape, jnp.float32)
+  rate = 0.1
+  out = _apply_dropout(rate, x)
+  chex.assert_shape(out, shape)
+  kept = np.asarray(out) != 0
+  scale = 65536.0 / (65536 - round(rate * 65536))
+  np.testing.assert_allclose(np.asarray(out)[kept], scale, rtol=1e-6)
+  if x.size >= 10_000:
+    # 16k Bernoulli(0.9) draws: the drop fraction lies within 5 standard deviations of 0.1.
+    sd = np.sqrt(rate * (1 - rate) / x.size)
+    assert abs((1 - kept.mean()) - rate) < 5 * sd
+    assert abs(np.asarray(out).mean() - 1.0) < 5 * sd * scale
+
+
+def test_dropout_masks_differ_by_key_and_position():
+  x = jnp.ones((4, 1000), jnp.float32)
+  a, b = _apply_dropout(0.5, x, seed=0), _apply_dropout(0.5, x, seed=1)
+  assert not np.array_equal(np.asarray(a), np.asarray(b))
+  # The two halves of one 32-bit draw must not be the same decision (a bad split would pair them).
+  kept = np.asarray(a) != 0
+  assert 0.4 < np.mean(kept[:, 0::2] == kept[:, 1::2]) < 0.6
+
+
+def test_dropout_is_the_identity_when_deterministic_or_rate_zero():
+  x = jax.random.normal(jax.random.key(3), (5, 6))
+  chex.assert_trees_all_equal(_apply_dropout(0.3, x, deterministic=True), x)
+  chex.assert_trees_all_equal(_apply_dropout(0.0, x), x)
+  chex.assert_trees_all_equal(_apply_dropout(1.0, x), jnp.zeros_like(x))
+
+
+def test_dropout_gradient_is_the_mask_times_the_scale():
+  x = jnp.linspace(-1.0, 1.0, 300).reshape(3, 100)
+  f = lambda x: jnp.sum(_apply_dropout(0.25, x))
+  grad = jax.grad(f)(x)
+  out = _apply_dropout(0.25, jnp.ones_like(x))
+  chex.assert_trees_all_close(grad, out)
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 16])
+def test_skew_terms_equal_the_indexed_products(length):
+  """relative_terms_skew against a direct loop over (i, j): c2p uses distance i - j for the key
+  table, p2c the same distance for the query table."""
+  batch, heads, dim = 2, 3, 4
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (batch, heads, length, dim))
+  k = jax.random.normal(keys[1], (batch, heads, length, dim))
+  qr = jax.random.normal(keys[2], (2 * length - 1, heads, dim))
+  kr = jax.random.normal(keys[3], (2 * length - 1, heads, dim))
+  got = attention.relative_terms_skew(q, k, qr, kr)
+  chex.assert_shape(got, (batch, heads, length, length))
+  q_, k_, qr_, kr_ = map(np.asarray, (q, k, qr, kr))
+  want = np.zeros((batch, heads, length, length), np.float32)
+  for i in range(length):
+    for j in range(length):
+      t = i - j + length - 1
+      want[:, :, i, j] = (np.einsum("bnd,nd->bn", q_[:, :, i], kr_[t])
+                          + np.einsum("nd,bnd->bn", qr_[t], k_[:, :, j]))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
