@@ -21,6 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Dry run only: plan for this many devices even if fewer are present (simulated as CPU devices;
   # memory is XLA's CPU buffer assignment, an estimate of what a TPU/GPU compile would need).
   c.dry_run_devices = 0
+  # Persistent XLA compilation cache: a restarted run (preemption, requeue) loads the compiled
+  # step instead of compiling it again. 'auto' = <data.cache_dir or ~/.cache/deberta_jax>/xla,
+  # '' = off, or any local or gs:// directory.
+  c.compilation_cache_dir = "auto"
   # Stop after this many steps of this invocation (0 = run to num_train_steps); for smoke runs.
   c.stop_after_steps = 0
   # A step whose loss or gradient norm is NaN/inf: 'stop' names the step and exits (the last

@@ -79,6 +79,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.mesh.per_device_microbatch >= 0, "mesh.per_device_microbatch", "must be >= 0")
   _require(config.mesh.device_memory_gb >= 0, "mesh.device_memory_gb", "must be >= 0 (0 = auto)")
   _require(config.dry_run_devices >= 0, "dry_run_devices", "must be >= 0")
+  _require(isinstance(config.get("compilation_cache_dir", "auto"), str), "compilation_cache_dir",
+           "must be a path, 'auto' or '' (off)")
   try:
     discriminator_config(config)
     generator_config(config.model)

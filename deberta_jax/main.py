@@ -74,8 +74,9 @@ def main(argv):
   _quiet_library_logs()
   distributed.initialize()
   import jax  # pylint: disable=import-outside-toplevel
-  logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
-               jax.process_count(), jax.devices())
+  logging.info("JAX %s, process %d/%d, %d devices (%d local): %s", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.device_count(),
+               jax.local_device_count(), jax.devices()[0].device_kind)
   from deberta_jax import sharding  # pylint: disable=import-outside-toplevel
   outcomes = (
       ((config_lib.ConfigError, sharding.MeshError, DataError, train.WorkdirError,
@@ -84,6 +85,9 @@ def main(argv):
       ((train.Preempted,), EXIT_PREEMPTED),
       ((checkpointing.CheckpointWriteError,), EXIT_CHECKPOINT_WRITE),
   )
+  if not config.dry_run:  # a dry run writes nothing, not even cache files
+    from deberta_jax import compilation_cache  # pylint: disable=import-outside-toplevel
+    compilation_cache.enable(config)
   try:
     train.run(config, _WORKDIR.value)
   except tuple(e for kinds, _ in outcomes for e in kinds) as e:

@@ -287,6 +287,7 @@ def compiled_step(model, optimizers, config, tokens, mesh, state, state_sharding
   (config.mesh.device_memory_gb, or what an accelerator reports) and no explicit micro-batch,
   it is compiled for the largest micro-batch that fits; a run that cannot fit is refused."""
   budget = planning.memory_budget(config)
+  start = time.perf_counter()
   plan, tried = planning.plan_step(model, optimizers, config, tokens, mesh, abstract_of(state),
                                    state_shardings, budget)
   if budget is not None:
@@ -299,6 +300,7 @@ def compiled_step(model, optimizers, config, tokens, mesh, state, state_sharding
     logging.info("Micro-batching %d x %d sequences per device: %.2f GiB of a %.2f GiB budget "
                  "(%d compilations)", plan.num_micro, plan.per_device_microbatch,
                  plan.memory.total / planning.GiB, budget / planning.GiB, len(tried))
+  logging.info("Training step compiled in %.1f s", time.perf_counter() - start)
   return plan.compiled
 
 
@@ -314,6 +316,7 @@ def dry_run(config) -> dict:
   # Token ids only steer masking; any distinct ids give the same program.
   tokens = ts.SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=4)
   budget = planning.memory_budget(config)
+  start = time.perf_counter()
   plan, tried = planning.plan_step(model, optimizers, config, tokens, mesh, abstract, shardings,
                                    budget)
   flops_per_token = planning.analytic_flops_per_token(config)

@@ -123,8 +123,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(cache_dir,
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
 
 
-def _cli(*args, cwd=REPO):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+def _cli(*args, cwd=REPO, **env_extra):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **env_extra}
   return subprocess.run([sys.executable, "-m", "deberta_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -150,3 +150,21 @@ def test_workdir_of_another_model_is_refused(cache_dir, resumed_run):
   assert sorted(os.listdir(workdir)) == before
   with open(os.path.join(workdir, "run.json")) as f:
     assert json.load(f)["fingerprint"]["discriminator"]["hidden_size"] == 64
+
+
+def test_a_restarted_run_loads_the_compiled_step_from_the_cache(cache_dir, tmp_path):
+  xla_cache = tmp_path / "xla"
+  args = ["--config=configs/tiny.py", f"--config.data.cache_dir={cache_dir}",
+          "--config.num_train_steps=2", "--config.optim.warmup_steps=1",
+          "--config.log.every_steps=1", f"--config.compilation_cache_dir={xla_cache}"]
+  dry = _cli(*args, f"--workdir={tmp_path / 'dry'}", "--config.dry_run=True")
+  assert dry.returncode == 0, dry.stderr[-2000:]
+  assert not xla_cache.exists()  # a dry run writes nothing
+  first = _cli(*args, f"--workdir={tmp_path / 'first'}")
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert any(xla_cache.iterdir())
+  # The same program again (a restart): the step executable comes from the cache.
+  second = _cli(*args, f"--workdir={tmp_path / 'second'}", JAX_LOG_COMPILES="1")
+  assert second.returncode == 0, second.stderr[-2000:]
+  hits = [line for line in second.stderr.splitlines() if "Persistent compilation cache hit" in line]
+  assert any("two_stage_step" in line for line in hits), second.stderr[-3000:]
