@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"           # compute dtype; parameters and losses stay float32
   c.model.attention_impl = "skew"      # 'skew' (relative shift) or 'gather' (reference indexing)
   c.model.remat = "none"               # 'none' | 'full' | 'dots'
+  c.model.scan_layers = False          # True: the layers as one lax.scan (compiles once)
   c.model.embedding_sharing = "gdes"   # 'gdes' | 'es' | 'nes'
 
   c.rtd = ml_collections.ConfigDict()

@@ -47,6 +47,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(m.attention_impl in ("gather", "skew"), "model.attention_impl",
            f"{m.attention_impl!r} is not 'gather' or 'skew'")
   _require(m.remat in ("none", "full", "dots"), "model.remat", f"{m.remat!r} is not none|full|dots")
+  _require(isinstance(m.get("scan_layers", False), bool), "model.scan_layers",
+           "must be True or False")
   _require(0 < config.rtd.mask_prob < 1, "rtd.mask_prob", "must be in (0, 1)")
   _require(config.rtd.temperature > 0, "rtd.temperature", "must be positive")
   _require(config.rtd.rtd_lambda >= 0, "rtd.rtd_lambda", "must be >= 0")

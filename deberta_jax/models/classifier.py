@@ -65,8 +65,8 @@ class SequenceClassifier(nn.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     x, _, _ = self.embeddings(input_ids, attention_mask, deterministic)
-    outputs, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic)
-    pooled = self.pooler(outputs[-1], deterministic)
+    hidden, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic)
+    pooled = self.pooler(hidden, deterministic)
     pooled = self.dropout(pooled, deterministic=deterministic)
     return self.classifier(pooled).astype(jnp.float32)
 

@@ -44,6 +44,8 @@ class ModelConfig:
   attention_impl: str = "gather"
   # Rematerialisation of each layer in the backward pass: 'none', 'full' or 'dots'.
   remat: str = "none"
+  # Run the layer stack as one lax.scan (one compiled layer body; faster compiles of deep stacks).
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:

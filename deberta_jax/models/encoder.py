@@ -9,6 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import meta
 
 from deberta_jax.models import attention
 from deberta_jax.models import layers
@@ -71,15 +72,19 @@ class Layer(nn.Module):
     return layers.constrain(out, ("batch", "length", "act_embed"))
 
 
+def _remat_policy(config: ModelConfig):
+  """The checkpoint policy of config.remat='dots' (None = save nothing, for 'full')."""
+  if config.remat == "dots":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return None
+
+
 def _layer_class(config: ModelConfig):
   """Layer, optionally rematerialised in the backward pass (config.remat)."""
   if config.remat == "none":
     return Layer
-  policy = None
-  if config.remat == "dots":
-    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   # Argument 5 (counting self as 0) is `deterministic`, a Python bool.
-  return nn.remat(Layer, policy=policy, static_argnums=(5,))
+  return nn.remat(Layer, policy=_remat_policy(config), static_argnums=(5,))
 
 
 class Encoder(nn.Module):
@@ -100,13 +105,42 @@ class Encoder(nn.Module):
     return self.LayerNorm(self.rel_embeddings.astype(self.config.compute_dtype))
 
   def __call__(self, x, mask, deterministic: bool, num_layers: int | None = None):
-    """Runs the first `num_layers` layers (all by default); returns every layer's output."""
+    """Runs the first `num_layers` layers (all by default); returns the last hidden state (x
+    itself for zero layers) and the relative table."""
     rel_table = self.relative_table()
-    outputs = []
-    for layer in self.layer[: self.config.num_layers if num_layers is None else num_layers]:
+    count = self.config.num_layers if num_layers is None else num_layers
+    if self.config.scan_layers and count > 1 and not self.is_initializing():
+      return self._scan(count, x, rel_table, mask, deterministic), rel_table
+    for layer in self.layer[:count]:
       x = layer(x, x, rel_table, mask, deterministic)
-      outputs.append(x)
-    return outputs, rel_table
+    return x, rel_table
+
+  def _scan(self, count, x, rel_table, mask, deterministic):
+    """The first `count` layers as one jax.lax.scan over their stacked parameters.
+
+    XLA then compiles one layer body instead of `count` copies, which is what makes deep stacks
+    compile faster (config.scan_layers). The parameters stay one subtree per layer (`layer_i`,
+    the names Hugging Face uses), so checkpoints, export and the analysis tools do not care
+    which form ran; the per-step stacking is a copy of the layer weights. Each layer gets its
+    own dropout key, split from this module's 'dropout' stream.
+    """
+    cfg = self.config
+    params = [meta.unbox(self.variables["params"][f"layer_{i}"]) for i in range(count)]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
+    keys = None if deterministic else jax.random.split(self.make_rng("dropout"), count)
+    template = Layer(cfg, parent=None)
+
+    def body(hidden, per_layer):
+      layer_params, key = per_layer
+      rngs = None if key is None else {"dropout": key}
+      hidden = template.apply({"params": layer_params}, hidden, hidden, rel_table, mask,
+                              deterministic, rngs=rngs)
+      return hidden, None
+
+    if cfg.remat != "none":
+      body = jax.checkpoint(body, policy=_remat_policy(cfg), prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (stacked, keys))
+    return x
 
 
 class DebertaEncoder(nn.Module):
@@ -127,5 +161,5 @@ class DebertaEncoder(nn.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     x, _, _ = self.embeddings(input_ids, attention_mask, deterministic, word_embeddings)
-    outputs, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic)
-    return outputs[-1]
+    hidden, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic)
+    return hidden

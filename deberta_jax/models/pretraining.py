@@ -41,8 +41,8 @@ class Generator(nn.Module):
     """
     x, absolute, word_embeddings = self.embeddings(input_ids, attention_mask, deterministic)
     mask = attention.pair_mask(attention_mask)
-    outputs, rel_table = self.encoder(x, mask, deterministic, num_layers=self.config.num_layers - 1)
-    keys_values = outputs[-1] if outputs else x
+    keys_values, rel_table = self.encoder(x, mask, deterministic,
+                                          num_layers=self.config.num_layers - 1)
     query = keys_values + absolute[None]
     last_layer = self.encoder.layer[-1]
     for _ in range(2):
@@ -68,5 +68,5 @@ class Discriminator(nn.Module):
 
   def __call__(self, input_ids, attention_mask, deterministic: bool = True, word_embeddings=None):
     x, _, _ = self.embeddings(input_ids, attention_mask, deterministic, word_embeddings)
-    outputs, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic)
-    return self.mask_predictions(outputs[-1])
+    hidden, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic)
+    return self.mask_predictions(hidden)
