@@ -81,10 +81,12 @@ def test_float32_parity(reference, length, impl):
   assert diff <= 1e-5
 
 
+@pytest.mark.parametrize("impl", ["gather", "skew"])
 @pytest.mark.parametrize("length", [8, 130, 512])
-def test_bfloat16_close_to_float32(reference, length):
+def test_bfloat16_close_to_float32(reference, length, impl):
   _, path = reference
   config, params = hf.load_pretrained(path)
+  config = config.replace(attention_impl=impl)
   ids, mask = _batch(length, config.vocab_size, seed=1)
   f32 = DebertaEncoder(config).apply({"params": params}, ids, mask)
   bf16 = DebertaEncoder(config.replace(dtype="bfloat16")).apply({"params": params}, ids, mask)
@@ -92,7 +94,7 @@ def test_bfloat16_close_to_float32(reference, length):
   sel = mask.astype(bool)
   a, b = np.asarray(f32)[sel], np.asarray(bf16, np.float32)[sel]
   rel = float(np.linalg.norm(a - b) / np.linalg.norm(a))
-  print(f"bfloat16 vs float32 L={length}: relative error {rel:.3e}, max|diff| "
+  print(f"bfloat16 vs float32 impl={impl} L={length}: relative error {rel:.3e}, max|diff| "
         f"{np.max(np.abs(a - b)):.3e}")
   assert rel <= 2e-2
 
