@@ -79,15 +79,17 @@ def sample_replacements(rng: jax.Array, logits: jax.Array, temperature: float) -
   block_cdf = _inclusive_cumsum(block_mass)
   target = jax.random.uniform(rng, tuple(lead), jnp.float32) * block_cdf[..., -1]
   # The chosen entry is the first whose inclusive CDF exceeds the target. Counting instead of
-  # searching keeps it vectorized; the clips only guard float ties at the very top, and never
-  # land on an entry of zero weight (the last positive block / entry is the bound).
+  # searching keeps it vectorized; the upper clips only guard float ties at the very top and
+  # never land on an entry of zero weight (the last positive block / entry is the bound).
   last_block = _last_positive(block_mass)
   chosen_block = jnp.minimum(jnp.sum(block_cdf <= target[..., None], -1), last_block)
   below = jnp.take_along_axis(block_cdf - block_mass, chosen_block[..., None], -1)[..., 0]
   inside = jnp.take_along_axis(weights, chosen_block[..., None, None], -2)[..., 0, :]
   inside_cdf = _inclusive_cumsum(inside)
-  offset = jnp.minimum(jnp.sum(inside_cdf <= (target - below)[..., None], -1),
-                       _last_positive(inside))
+  # Clamped at 0: rounding may put the target a hair below the block's start, and a target of 0
+  # still skips the block's leading zero-weight entries (their CDF is 0 too).
+  within = jnp.maximum(target - below, 0.0)
+  offset = jnp.minimum(jnp.sum(inside_cdf <= within[..., None], -1), _last_positive(inside))
   return (chosen_block * block + offset).astype(jnp.int32)
 
 
