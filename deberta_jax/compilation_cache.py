@@ -34,9 +34,7 @@ def enable(config) -> str | None:
   if path is None:
     return None
   import jax  # pylint: disable=import-outside-toplevel
+  # jax stores only programs that took over a second to compile; the training step always does.
   jax.config.update("jax_compilation_cache_dir", path)
-  # Only programs that take a while to compile are worth a file (jax's default threshold, kept
-  # explicit); the training step always is.
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   logging.info("Compilation cache: %s", path)
   return path

@@ -5,9 +5,9 @@ matmuls) on a single thread each, and spreads work over cores only where indepen
 happen to be ready together. On the 2-core development machine that left the cores ~40% idle
 during a tiny training step. Exposing the host as N devices and letting the mesh put a slice of
 the batch on each (the same data/fsdp parallelism as on a pod) keeps every core busy: the tiny
-step went from 161 to 145 ms. Where parameter-sized work dominates (small's 128k-row tables and
-their AdamW updates, which XLA already spreads over threads) the split only adds the mesh's
-gathers and was slower (2.9 s -> 3.9 s), hence a per-config choice (docs/benchmarks.md).
+step went from 160 to 131-135 ms. Where parameter-sized work dominates (small's 128k-row tables
+and their AdamW updates, which XLA already spreads over threads) the split only adds the mesh's
+gathers and was slower (2.7 s -> 3.8 s), hence a per-config choice (docs/benchmarks.md).
 
 The device count is an XLA flag read once, when JAX starts its CPU backend, so `apply` must run
 before jax is imported. On GPU/TPU hosts the flag only shapes the unused CPU backend.
@@ -70,5 +70,13 @@ def apply(config, cores: int | None = None) -> int | None:
     logging.warning("mesh.cpu_devices=%d not applied: jax was imported before the CPU device "
                     "count could be set; the host stays one device", count)
     return None
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}={count}".strip()
+  set_host_device_count(count)
   return count
+
+
+def set_host_device_count(count: int) -> None:
+  """Writes the device-count flag into XLA_FLAGS, replacing any earlier count (the one place
+  that does: per-core training runs and the dry run's simulated chips)."""
+  kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+          if not flag.startswith(DEVICE_COUNT_FLAG)]
+  os.environ["XLA_FLAGS"] = " ".join(kept + [f"{DEVICE_COUNT_FLAG}={count}"])

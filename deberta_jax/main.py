@@ -19,6 +19,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from deberta_jax import cpu_devices
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file under configs/ (e.g. configs/tiny.py).",
     lock_config=True)
@@ -52,10 +54,7 @@ def _simulate_devices(count: int) -> None:
   if "jax" in sys.modules:
     raise RuntimeError("--config.dry_run_devices must be applied before jax is imported")
   os.environ["JAX_PLATFORMS"] = "cpu"
-  flags_now = os.environ.get("XLA_FLAGS", "")
-  flags_now = " ".join(f for f in flags_now.split()
-                       if not f.startswith("--xla_force_host_platform_device_count"))
-  os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}".strip()
+  cpu_devices.set_host_device_count(count)
 
 
 def main(argv):
@@ -65,7 +64,6 @@ def main(argv):
   if config.dry_run and config.dry_run_devices:
     _simulate_devices(config.dry_run_devices)
   else:
-    from deberta_jax import cpu_devices  # pylint: disable=import-outside-toplevel
     cpu_devices.apply(config)
   # Imported here so that nothing touches jax before flags (and XLA_FLAGS) are settled.
   from deberta_jax import checkpointing, config_lib, distributed, hf, train  # pylint: disable=import-outside-toplevel

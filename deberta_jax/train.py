@@ -316,7 +316,6 @@ def dry_run(config) -> dict:
   # Token ids only steer masking; any distinct ids give the same program.
   tokens = ts.SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=4)
   budget = planning.memory_budget(config)
-  start = time.perf_counter()
   plan, tried = planning.plan_step(model, optimizers, config, tokens, mesh, abstract, shardings,
                                    budget)
   flops_per_token = planning.analytic_flops_per_token(config)

@@ -17,7 +17,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from deberta_jax.models import layers
 from deberta_jax.models import relative_position
