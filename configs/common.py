@@ -49,7 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.initializer_range = 0.02
   c.model.vocab_pad_multiple = 128
   c.model.dtype = "bfloat16"           # compute dtype; parameters and losses stay float32
-  c.model.attention_impl = "skew"      # 'skew' (relative shift) or 'gather' (reference indexing)
+  c.model.attention_impl = "skew"      # 'skew' (relative shift), 'gather' (reference indexing)
+                                       # or 'flash' (fused Pallas kernels; GPU)
+  c.model.flash_block = 64             # 'flash' tile: query/key rows per tile (power of two)
   c.model.remat = "none"               # 'none' | 'full' | 'dots'
   c.model.scan_layers = False          # True: the layers as one lax.scan (compiles once)
   c.model.embedding_sharing = "gdes"   # 'gdes' | 'es' | 'nes'

@@ -58,7 +58,7 @@ def get_config():
   c.pooler_dropout = 0.0        # before the pooler's dense (0 in the released HF configs)
   c.backbone_dropout = -1.0     # hidden/attention dropout of the encoder; < 0 keeps the model's
   c.model_dtype = "float32"     # compute dtype ('bfloat16' on GPU/TPU); parameters stay float32
-  c.attention_impl = ""         # '' keeps the model's; 'gather' | 'skew'
+  c.attention_impl = ""         # '' keeps the model's; 'gather' | 'skew' | 'flash'
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1

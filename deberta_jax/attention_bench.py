@@ -7,6 +7,9 @@ every variant (the output projection belongs to the layer, not to attention, in 
 
   skew         our DisentangledSelfAttention, relative shift of per-distance products
   gather       our DisentangledSelfAttention, the reference's [B, H, L, L] index gather
+  flash        our DisentangledSelfAttention, fused Pallas kernels (GPU; on CPU they run in
+               Pallas' interpreter, which checks them but says nothing about speed, so the
+               default list leaves them out there)
   plain        Q K^T / sqrt(d), the same masked float32 softmax as ours, P V (einsum)
   dpa_xla      jax.nn.dot_product_attention(implementation='xla'), no mask
   dpa_cudnn    jax.nn.dot_product_attention(implementation='cudnn'), no mask (GPU, fp16/bf16)
@@ -40,14 +43,15 @@ _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32", "flo
                            "Compute dtype; auto = bfloat16 on accelerators, float32 on CPU.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed calls per variant.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls per variant after compilation.")
-_IMPLS = flags.DEFINE_list("impls", ["skew", "gather", "plain", "dpa_xla", "dpa_cudnn"],
-                           "Variants to time.")
+_FLASH_BLOCK = flags.DEFINE_integer("flash_block", 64, "Tile rows of the flash kernels.")
+_IMPLS = flags.DEFINE_list("impls", None, "Variants to time (default: all; on CPU all but flash).")
 
-OURS = ("skew", "gather")
+OURS = ("skew", "gather", "flash")
 PLAIN = ("plain", "dpa_xla", "dpa_cudnn")
 
 
-def _build(impl: str, batch: int, length: int, heads: int, head_dim: int, buckets: int, dtype):
+def _build(impl: str, batch: int, length: int, heads: int, head_dim: int, buckets: int, dtype,
+           flash_block: int = 64):
   """(fn(params, hidden, rel_table) -> output, params) for one variant."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
@@ -60,7 +64,8 @@ def _build(impl: str, batch: int, length: int, heads: int, head_dim: int, bucket
   cfg = ModelConfig(vocab_size=128, hidden_size=hidden_size, num_layers=1, num_heads=heads,
                     intermediate_size=4 * hidden_size, max_position_embeddings=max(512, length),
                     position_buckets=buckets, hidden_dropout=0.0, attention_dropout=0.0,
-                    dtype=dtype, attention_impl=impl if impl in OURS else "skew")
+                    dtype=dtype, attention_impl=impl if impl in OURS else "skew",
+                    flash_block=flash_block)
   mask = attention.pair_mask(jnp.ones((batch, length), jnp.int32))
 
   class Plain(nn.Module):
@@ -117,7 +122,7 @@ def core_flops(batch: int, length: int, heads: int, head_dim: int, relative_slot
 
 
 def measure(batch: int, length: int, heads: int, head_dim: int, buckets: int, dtype: str,
-            impls, steps: int, warmup: int) -> dict:
+            impls, steps: int, warmup: int, flash_block: int = 64) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from deberta_jax import flops  # pylint: disable=import-outside-toplevel
@@ -130,7 +135,7 @@ def measure(batch: int, length: int, heads: int, head_dim: int, buckets: int, dt
   ms, errors, tflops = {}, {}, {}
   for impl in impls:
     try:
-      fn, params = _build(impl, batch, length, heads, head_dim, buckets, dtype)
+      fn, params = _build(impl, batch, length, heads, head_dim, buckets, dtype, flash_block)
       dt = jnp.dtype(dtype)
       hidden = jax.random.normal(key, (batch, length, heads * head_dim), jnp.float32).astype(dt)
       rel = jax.random.normal(key, (2 * buckets, heads * head_dim), jnp.float32).astype(dt)
@@ -160,6 +165,7 @@ def measure(batch: int, length: int, heads: int, head_dim: int, buckets: int, dt
         ratios[f"{ours}_vs_best_plain_{kind}"] = ms[ours][kind] / best
   return {"batch": batch, "seq_len": length, "heads": heads, "head_dim": head_dim,
           "position_buckets": buckets, "relative_slots": r, "dtype": dtype,
+          "flash_block": flash_block,
           "device": device.device_kind, "platform": device.platform,
           "jax_version": jax.__version__, "ms": ms, "ratios": ratios,
           "core_tflops_per_second": tflops, "errors": errors}
@@ -168,11 +174,15 @@ def measure(batch: int, length: int, heads: int, head_dim: int, buckets: int, dt
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  unknown = [i for i in _IMPLS.value if i not in OURS + PLAIN]
+  impls = _IMPLS.value
+  unknown = [i for i in impls or () if i not in OURS + PLAIN]
   if unknown:
     raise app.UsageError(f"--impls: unknown {unknown}; choose from {OURS + PLAIN}")
+  if impls is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    impls = [i for i in OURS + PLAIN if not (i == "flash" and jax.default_backend() == "cpu")]
   r = measure(_BATCH.value, _SEQ_LEN.value, _HEADS.value, _HEAD_DIM.value, _BUCKETS.value,
-              _DTYPE.value, _IMPLS.value, _STEPS.value, _WARMUP.value)
+              _DTYPE.value, impls, _STEPS.value, _WARMUP.value, _FLASH_BLOCK.value)
   print(f"attention B={r['batch']} L={r['seq_len']} heads={r['heads']} d={r['head_dim']} "
         f"R={r['relative_slots']} {r['dtype']} on {r['device']} (jax {r['jax_version']})")
   for impl, t in r["ms"].items():

@@ -644,6 +644,7 @@ def main(argv):
     dp = math.prod(sharding.mesh_shape(config, len(devices))[:2])
     configure(config, _SEQ_LEN.value, _BATCH.value, dp)
     config_lib.validate(config)
+    config_lib.check_backend(config, jax.default_backend())
     if config.global_batch_size % dp:
       raise config_lib.ConfigError(f"--batch={config.global_batch_size} is not divisible by the "
                                    f"{dp} data-parallel devices")

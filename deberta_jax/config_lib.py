@@ -11,7 +11,7 @@ import json
 
 import ml_collections
 
-from deberta_jax.models.config import ModelConfig, generator_config
+from deberta_jax.models.config import ATTENTION_IMPLS, ModelConfig, generator_config
 
 SHARING_MODES = ("gdes", "es", "nes")
 UPDATE_MODES = ("auto", "two_stage", "joint")
@@ -25,6 +25,14 @@ class ConfigError(ValueError):
 def _require(condition: bool, field: str, message: str):
   if not condition:
     raise ConfigError(f"config.{field}: {message}")
+
+
+def check_backend(config: ml_collections.ConfigDict, backend: str) -> None:
+  """Settings that depend on the accelerator: called once jax knows its backend."""
+  if config.model.attention_impl == "flash" and backend not in ("gpu", "cuda", "rocm", "cpu"):
+    raise ConfigError(
+        f"config.model.attention_impl: 'flash' runs Pallas Triton kernels (GPU, or the slow "
+        f"interpreter on CPU); this backend is {backend!r}: use 'skew'")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -44,8 +52,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{m.embedding_sharing!r} is not one of {SHARING_MODES}")
   _require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
            f"{m.dtype!r} is not float32, bfloat16 or float16")
-  _require(m.attention_impl in ("gather", "skew"), "model.attention_impl",
-           f"{m.attention_impl!r} is not 'gather' or 'skew'")
+  _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+           f"{m.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+  block = m.get("flash_block", 64)
+  _require(isinstance(block, int) and block >= 16 and not block & (block - 1), "model.flash_block",
+           f"{block!r} is not a power of two >= 16")
   _require(m.remat in ("none", "full", "dots"), "model.remat", f"{m.remat!r} is not none|full|dots")
   _require(isinstance(m.get("scan_layers", False), bool), "model.scan_layers",
            "must be True or False")

@@ -72,6 +72,8 @@ class Init:
 # ----------------------------------------------------------------------------------- validation
 
 def validate(config) -> None:
+  from deberta_jax.models.config import ATTENTION_IMPLS  # pylint: disable=import-outside-toplevel
+
   def require(ok, field, message):
     if not ok:
       raise FinetuneError(f"config.{field}: {message}")
@@ -89,8 +91,8 @@ def validate(config) -> None:
   require(config.backbone_dropout < 1, "backbone_dropout", "must be < 1 (< 0 keeps the model's)")
   require(config.model_dtype in ("float32", "bfloat16", "float16"), "model_dtype",
           f"{config.model_dtype!r} is not float32, bfloat16 or float16")
-  require(config.attention_impl in ("", "gather", "skew"), "attention_impl",
-          f"{config.attention_impl!r} is not '', 'gather' or 'skew'")
+  require(config.attention_impl in ("",) + ATTENTION_IMPLS, "attention_impl",
+          f"{config.attention_impl!r} is not '' or one of {ATTENTION_IMPLS}")
   require(config.log_every_steps > 0, "log_every_steps", "must be positive")
   require(config.eval_every_epochs > 0, "eval_every_epochs", "must be positive")
 

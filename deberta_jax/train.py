@@ -131,6 +131,7 @@ def run(config, workdir: str) -> dict:
   """
   # --- 1. Everything checkable is checked before any compute, and before the workdir is touched.
   config_lib.validate(config)
+  config_lib.check_backend(config, jax.default_backend())
   if config.dry_run:
     return dry_run(config)
   check_workdir(config, workdir)

@@ -66,7 +66,7 @@ def _max_diff_non_pad(a, b, mask):
   return float(np.max(np.abs(np.asarray(a, np.float32)[sel] - np.asarray(b, np.float32)[sel])))
 
 
-@pytest.mark.parametrize("impl", ["gather", "skew"])
+@pytest.mark.parametrize("impl", ["gather", "skew", "flash"])
 @pytest.mark.parametrize("length", [8, 130, 512])
 def test_float32_parity(reference, length, impl):
   model, path = reference
@@ -81,7 +81,7 @@ def test_float32_parity(reference, length, impl):
   assert diff <= 1e-5
 
 
-@pytest.mark.parametrize("impl", ["gather", "skew"])
+@pytest.mark.parametrize("impl", ["gather", "skew", "flash"])
 @pytest.mark.parametrize("length", [8, 130, 512])
 def test_bfloat16_close_to_float32(reference, length, impl):
   _, path = reference

@@ -17,7 +17,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from deberta_jax.models import flash_attention
 from deberta_jax.models import layers
 from deberta_jax.models import relative_position
 from deberta_jax.models.config import ModelConfig
@@ -98,18 +100,32 @@ class DisentangledSelfAttention(nn.Module):
     k = layers.constrain(k, ("batch", "act_heads", "length", "kv"))
 
     q_scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    scores = jnp.einsum("bnqd,bnkd->bnqk", q_scaled, k, preferred_element_type=jnp.float32)
-
     pos_dropout = layers.Dropout(cfg.hidden_dropout, name="pos_dropout")
     buckets, max_distance = cfg.position_buckets, cfg.max_relative_distance
-    if cfg.attention_impl == "skew":
-      # One table row per distance i - j; dropout first so equal buckets share one mask.
+
+    def relative_by_distance():
+      """(qr scaled, kr) [2L-1, n, d]: one table row per distance i - j; dropout first, so equal
+      buckets share one mask."""
       rows = relative_position.distance_rows(length, buckets, max_distance)
       table = pos_dropout(rel_table, deterministic=deterministic)
       table = jnp.take(table, jnp.asarray(rows), axis=0).astype(cfg.compute_dtype)
       qr = query_proj(table).reshape(-1, heads, head)
       kr = key_proj(table).reshape(-1, heads, head)
-      qr_scaled = (qr.astype(jnp.float32) * scale).astype(qr.dtype)
+      return (qr.astype(jnp.float32) * scale).astype(qr.dtype), kr
+
+    if cfg.attention_impl == "flash":
+      qr_scaled, kr = relative_by_distance()
+      rate = 0.0 if deterministic else cfg.attention_dropout
+      seed = (jax.random.bits(self.make_rng("dropout"), (), jnp.uint32) if rate > 0.0
+              else jnp.zeros((), jnp.uint32))
+      token_mask = jnp.diagonal(mask[:, 0], axis1=-2, axis2=-1)  # m_i, from m_i * m_j
+      context = fused_context(q_scaled, k, v, qr_scaled, kr, token_mask, rate, seed,
+                              cfg.flash_block)
+      return jnp.swapaxes(context, 1, 2).reshape(batch, length, heads * head)
+
+    scores = jnp.einsum("bnqd,bnkd->bnqk", q_scaled, k, preferred_element_type=jnp.float32)
+    if cfg.attention_impl == "skew":
+      qr_scaled, kr = relative_by_distance()
       scores = scores + relative_terms_skew(q_scaled, k, qr_scaled, kr)
     else:
       # Only the band of relative rows this length can reach is projected (all of it for L >= 256).
@@ -127,6 +143,44 @@ class DisentangledSelfAttention(nn.Module):
         probs, deterministic=deterministic)
     context = jnp.einsum("bnqk,bnkd->bqnd", probs.astype(cfg.compute_dtype), v)
     return context.reshape(batch, length, heads * head)
+
+
+def fused_context(q, k, v, qr, kr, token_mask, rate, seed, block=64):
+  """The fused kernels' context [B, n, L, d], one kernel call per shard under a mesh.
+
+  A Pallas call is opaque to XLA's partitioner, which would gather every operand onto each
+  device; under shard_map each device runs the kernels on its own batch rows and heads (the
+  activations' logical sharding), and its offsets keep the dropout stream global.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes, head_axes = nn.logical_to_mesh_axes(("batch", "act_heads"))
+
+  def divides(axes, size):  # e.g. init's batch of 1 is replicated, not split
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return size % math.prod(mesh.shape[a] for a in names) == 0
+
+  if not mesh.empty:
+    batch_axes = batch_axes if divides(batch_axes, q.shape[0]) else None
+    head_axes = head_axes if divides(head_axes, q.shape[1]) else None
+  spec = PartitionSpec(batch_axes, head_axes, None, None)
+  total_heads = q.shape[1]
+  call = lambda q, k, v, qr, kr, m, seed, offset=(0, 0): flash_attention.fused_attention(
+      q, k, v, qr, kr, m, dropout_rate=rate, dropout_seed=seed, block=block,
+      stream_offset=offset, total_heads=total_heads)
+  if mesh.empty or (batch_axes is None and head_axes is None):
+    return call(q, k, v, qr, kr, token_mask, seed)
+
+  def per_shard(q, k, v, qr, kr, m, seed):
+    first_batch = jax.lax.axis_index(batch_axes) * q.shape[0] if batch_axes else 0
+    first_head = jax.lax.axis_index(head_axes) * q.shape[1] if head_axes else 0
+    return call(q, k, v, qr, kr, m, seed, (first_batch, first_head))
+
+  relative = PartitionSpec(None, head_axes, None)
+  return jax.shard_map(
+      per_shard, mesh=mesh, check_vma=False,
+      in_specs=(spec, spec, spec, relative, relative, PartitionSpec(batch_axes, None),
+                PartitionSpec()),
+      out_specs=spec)(q, k, v, qr, kr, token_mask, seed)
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("gather", "skew", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +41,11 @@ class ModelConfig:
   position_table: bool = True
   # Compute dtype of matmuls and activations; parameters always stay float32.
   dtype: str = "float32"
-  # Attention implementation: 'gather' (the reference's index gather) or 'skew' (relative shift).
+  # Attention implementation: 'gather' (the reference's index gather), 'skew' (relative shift) or
+  # 'flash' (fused Pallas kernels, GPU; models/flash_attention.py).
   attention_impl: str = "gather"
+  # Tile size (rows of queries and keys) of the 'flash' kernels: a power of two >= 16.
+  flash_block: int = 64
   # Rematerialisation of each layer in the backward pass: 'none', 'full' or 'dots'.
   remat: str = "none"
   # Run the layer stack as one lax.scan (one compiled layer body; faster compiles of deep stacks).
@@ -53,8 +57,11 @@ class ModelConfig:
           f"model.num_heads={self.num_heads} does not divide model.hidden_size={self.hidden_size}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"model.dtype={self.dtype!r} is not one of {sorted(_DTYPES)}")
-    if self.attention_impl not in ("gather", "skew"):
-      raise ValueError(f"model.attention_impl={self.attention_impl!r} is not 'gather' or 'skew'")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(
+          f"model.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    if self.flash_block < 16 or self.flash_block & (self.flash_block - 1):
+      raise ValueError(f"model.flash_block={self.flash_block} is not a power of two >= 16")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat={self.remat!r} is not 'none', 'full' or 'dots'")
     if self.position_buckets <= 0:

@@ -1,0 +1,168 @@
+"""The fused disentangled-attention kernels (models/flash_attention.py).
+
+On CPU the Pallas kernels run in the interpreter, so these tests check their arithmetic (forward,
+every gradient, padding, dropout, sharding) against plain jnp; a separate test lowers them to
+Triton IR for a GPU target, which catches what only the GPU compiler path would reject.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deberta_jax import sharding
+from deberta_jax.models import attention
+from deberta_jax.models import flash_attention as fa
+from deberta_jax.models.config import ModelConfig
+
+
+def _inputs(batch=2, heads=2, length=40, head_dim=16, seed=0, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  normal = lambda key, shape, scale=1.0: (jax.random.normal(key, shape) * scale).astype(dtype)
+  q = normal(keys[0], (batch, heads, length, head_dim), 0.3)
+  k = normal(keys[1], (batch, heads, length, head_dim))
+  v = normal(keys[2], (batch, heads, length, head_dim))
+  qr = normal(keys[3], (2 * length - 1, heads, head_dim), 0.3)
+  kr = normal(keys[4], (2 * length - 1, heads, head_dim))
+  mask = np.ones((batch, length), np.int32)
+  mask[-1, length * 3 // 4:] = 0  # a padded sequence
+  return (q, k, v, qr, kr), jnp.asarray(mask)
+
+
+def _weighted_sum(fn, mask, weights, **kwargs):
+  return lambda *args: jnp.sum(fn(*args, mask, **kwargs).astype(jnp.float32) * weights)
+
+
+@pytest.mark.parametrize("length,rate", [(40, 0.0), (64, 0.0), (48, 0.1), (17, 0.2)])
+def test_kernels_equal_plain_attention_forward_and_backward(length, rate):
+  """Context and the gradients of q, k, v and both relative tables, with padding (40 and 17 are
+  not multiples of the 16-row tile), masked keys and dropout."""
+  args, mask = _inputs(length=length)
+  seed = jnp.uint32(1234)
+  weights = jax.random.normal(jax.random.key(9), args[0].shape)
+  kw = dict(dropout_rate=rate, dropout_seed=seed)
+  ours = fa.fused_attention(*args, mask, block=16, **kw)
+  ref = fa.reference_attention(*args, mask, **kw)
+  chex.assert_shape(ours, args[0].shape)
+  chex.assert_trees_all_close(ours, ref, atol=2e-6, rtol=1e-5)
+  # Pad query rows give exactly zero, like masked_softmax's zeroed rows.
+  np.testing.assert_array_equal(np.asarray(ours)[-1, :, length * 3 // 4:], 0.0)
+  grads = jax.grad(_weighted_sum(fa.fused_attention, mask, weights, block=16, **kw),
+                   argnums=range(5))(*args)
+  ref_grads = jax.grad(_weighted_sum(fa.reference_attention, mask, weights, **kw),
+                       argnums=range(5))(*args)
+  for name, g, r in zip(("q", "k", "v", "qr", "kr"), grads, ref_grads):
+    scale = float(jnp.max(jnp.abs(r)))
+    assert scale > 0, name
+    chex.assert_trees_all_close(g, r, atol=1e-5 * scale, rtol=1e-5, custom_message=name)
+
+
+def test_multiple_tiles_per_row_in_bfloat16():
+  """bf16 operands, 4 x 4 tiles of 16: the online softmax across key tiles, and 16-bit tables."""
+  args, mask = _inputs(batch=1, heads=3, length=64, head_dim=32, dtype=jnp.bfloat16)
+  ours = fa.fused_attention(*args, mask, block=16)
+  chex.assert_type(ours, jnp.bfloat16)
+  ref = fa.reference_attention(*[a.astype(jnp.float32) for a in args], mask)
+  sel = np.asarray(mask, bool)
+  a, b = np.asarray(ours, np.float32), np.asarray(ref)
+  rel = np.linalg.norm((a - b)[:, :, sel[0]]) / np.linalg.norm(b[:, :, sel[0]])
+  assert rel < 1e-2, rel
+
+
+def test_dropout_mask_rate_and_streams():
+  """The hash keeps 1 - rate of the entries, and differs by seed, batch row and head."""
+  rows = jnp.arange(256, dtype=jnp.int32)[:, None]
+  cols = jnp.arange(256, dtype=jnp.int32)[None, :]
+  keep = lambda seed, stream: np.asarray(
+      fa.keep_mask(jnp.uint32(seed), jnp.int32(stream), rows, cols, 256, 0.1))
+  a = keep(7, 0)
+  sd = np.sqrt(0.1 * 0.9 / a.size)
+  assert abs((1 - a.mean()) - 0.1) < 5 * sd
+  for other in (keep(8, 0), keep(7, 1)):
+    # Independent masks agree on about 0.9^2 + 0.1^2 = 82% of the entries, identical ones on all.
+    assert abs(np.mean(a == other) - 0.82) < 0.02
+  assert fa.keep_scale(0.1) == pytest.approx(1 / 0.9, rel=1e-6)
+
+
+def test_dropout_needs_a_seed():
+  args, mask = _inputs(length=16)
+  with pytest.raises(ValueError, match="dropout_seed"):
+    fa.fused_attention(*args, mask, dropout_rate=0.1)
+
+
+def _attention_module(impl):
+  config = ModelConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=4,
+                       intermediate_size=64, position_buckets=16, max_position_embeddings=64,
+                       attention_impl=impl)
+  return attention.DisentangledSelfAttention(config)
+
+
+def _module_inputs(batch=4, length=24):
+  hidden = jax.random.normal(jax.random.key(1), (batch, length, 32))
+  rel_table = jax.random.normal(jax.random.key(2), (32, 32))
+  tokens = np.ones((batch, length), np.int32)
+  tokens[1, 10:] = 0
+  return hidden, rel_table, attention.pair_mask(jnp.asarray(tokens))
+
+
+def test_module_flash_equals_skew_without_dropout():
+  hidden, rel_table, mask = _module_inputs()
+  skew, flash = _attention_module("skew"), _attention_module("flash")
+  params = skew.init(jax.random.key(0), hidden, hidden, rel_table, mask, True)
+  run = lambda module, p: module.apply(p, hidden, hidden, rel_table, mask, True)
+  chex.assert_trees_all_close(run(flash, params), run(skew, params), atol=2e-6)
+  loss = lambda module: lambda p: jnp.sum(run(module, p) ** 2)
+  chex.assert_trees_all_close(jax.grad(loss(flash))(params), jax.grad(loss(skew))(params),
+                              atol=1e-5, rtol=1e-4)
+
+
+def test_sharded_kernels_equal_one_device_with_dropout():
+  """Under a data=2, fsdp=2, tensor=2 mesh each device runs the kernels on its rows and heads
+  (shard_map); with dropout on, equal outputs show that the stream offsets make the shards'
+  masks the single-device mask."""
+  assert jax.device_count() == 8
+  hidden, rel_table, mask = _module_inputs(batch=4)
+  module = _attention_module("flash")
+  params = module.init(jax.random.key(0), hidden, hidden, rel_table, mask, True)
+  rngs = {"dropout": jax.random.key(5)}
+  apply = lambda p, h, r, m: module.apply(p, h, h, r, m, False, rngs=rngs)
+  one_device = apply(params, hidden, rel_table, mask)
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), sharding.MESH_AXES)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    batch_sharded = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    sharded = jax.jit(apply)(params, jax.device_put(hidden, batch_sharded), rel_table,
+                             jax.device_put(mask, batch_sharded))
+  chex.assert_trees_all_close(sharded, one_device, atol=2e-6)
+  # Dropout did act: the deterministic output differs.
+  assert not np.allclose(np.asarray(one_device),
+                         np.asarray(module.apply(params, hidden, hidden, rel_table, mask, True)))
+
+
+@pytest.mark.parametrize("batch,heads,length,head_dim", [(2, 12, 512, 64), (4, 4, 100, 16)])
+def test_kernels_lower_to_triton_for_a_gpu(batch, heads, length, head_dim):
+  """Lowering the training computation (forward + backward, dropout on, bf16) for CUDA runs the
+  Pallas Triton lowering on this CPU: power-of-two tiles, supported ops and the gather/scatter
+  indexing are all checked, three kernels come out. Compiling Triton IR to PTX needs a GPU."""
+  export = pytest.importorskip("jax.export")
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+
+  def loss(q, k, v, qr, kr, mask, seed):
+    out = fa.fused_attention(q, k, v, qr, kr, mask, dropout_rate=0.1, dropout_seed=seed,
+                             interpret=False)
+    return jnp.sum(out.astype(jnp.float32))
+
+  args = ((shape(batch, heads, length, head_dim),) * 3
+          + (shape(2 * length - 1, heads, head_dim),) * 2
+          + (shape(batch, length, dtype=jnp.int32), shape(dtype=jnp.uint32)))
+  triton = "__gpu$xla.gpu.triton"
+  exported = export.export(
+      jax.jit(jax.value_and_grad(loss, argnums=range(5))), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
+  text = exported.mlir_module()
+  for kernel in ("disentangled_attention_forward", "disentangled_attention_dq",
+                 "disentangled_attention_dkv"):
+    assert f'name = "{kernel}"' in text, kernel
+  assert text.count(f"@{triton}") == 3
