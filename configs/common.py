@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vocab_pad_multiple = 128
   c.model.dtype = "bfloat16"           # compute dtype; parameters and losses stay float32
   c.model.attention_impl = "skew"      # 'skew' (relative shift), 'gather' (reference indexing)
-                                       # or 'flash' (fused Pallas kernels; GPU)
+                                       # or 'flash' (fused Pallas kernels, GPU and TPU)
   c.model.flash_block = 64             # 'flash' tile: query/key rows per tile (power of two)
   c.model.remat = "none"               # 'none' | 'full' | 'dots'
   c.model.scan_layers = False          # True: the layers as one lax.scan (compiles once)

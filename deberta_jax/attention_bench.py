@@ -7,9 +7,9 @@ every variant (the output projection belongs to the layer, not to attention, in 
 
   skew         our DisentangledSelfAttention, relative shift of per-distance products
   gather       our DisentangledSelfAttention, the reference's [B, H, L, L] index gather
-  flash        our DisentangledSelfAttention, fused Pallas kernels (GPU; on CPU they run in
-               Pallas' interpreter, which checks them but says nothing about speed, so the
-               default list leaves them out there)
+  flash        our DisentangledSelfAttention, fused Pallas kernels (Triton on GPU, Mosaic on
+               TPU; on CPU they run in Pallas' interpreter, which checks them but says nothing
+               about speed, so the default list leaves them out there)
   plain        Q K^T / sqrt(d), the same masked float32 softmax as ours, P V (einsum)
   dpa_xla      jax.nn.dot_product_attention(implementation='xla'), no mask
   dpa_cudnn    jax.nn.dot_product_attention(implementation='cudnn'), no mask (GPU, fp16/bf16)
@@ -44,6 +44,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32", "flo
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed calls per variant.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls per variant after compilation.")
 _FLASH_BLOCK = flags.DEFINE_integer("flash_block", 64, "Tile rows of the flash kernels.")
+_CHECK = flags.DEFINE_bool(
+    "check", True, "Before timing, compare each of our variants' output and gradients with the "
+    "gather form in float32 (the formulation the HF parity tests pin) on this device.")
 _IMPLS = flags.DEFINE_list("impls", None, "Variants to time (default: all; on CPU all but flash).")
 
 OURS = ("skew", "gather", "flash")
@@ -121,6 +124,45 @@ def core_flops(batch: int, length: int, heads: int, head_dim: int, relative_slot
   return fwd + batch * heads * (10 * length**2 * head_dim + 12 * length * relative_slots * head_dim)
 
 
+def check(batch: int, length: int, heads: int, head_dim: int, buckets: int, dtype: str,
+          impls, flash_block: int = 64) -> dict:
+  """Relative L2 errors of each of our variants against the float32 gather form, same weights.
+
+  A speed figure is only worth reporting for a kernel that computes the right thing on the
+  device at hand (the CPU tests run the flash kernels in an interpreter, not on the GPU).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  key = jax.random.key(2)
+  hidden = jax.random.normal(key, (batch, length, heads * head_dim), jnp.float32)
+  rel = jax.random.normal(jax.random.fold_in(key, 1), (2 * buckets, heads * head_dim))
+  weights = jax.random.normal(jax.random.fold_in(key, 2), hidden.shape)
+
+  def outputs(impl, dt):
+    fn, params = _build(impl, batch, length, heads, head_dim, buckets, dt, flash_block)
+    cast = lambda x: x.astype(jnp.dtype(dt))
+    loss = lambda p, h, r: jnp.sum(fn(p, h, r).astype(jnp.float32) * weights)
+    out = jax.jit(fn)(params, cast(hidden), cast(rel))
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, cast(hidden), cast(rel))
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float32))
+                                        for x in jax.tree.leaves(tree)])
+    return flat(out), flat(grads)
+
+  ref_out, ref_grads = outputs("gather", "float32")
+  rel_err = lambda a, b: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+  results = {}
+  for impl in (i for i in OURS if i in impls):
+    try:
+      out, grads = outputs(impl, dtype)
+      results[impl] = {"output_rel_err": rel_err(out, ref_out),
+                       "grad_rel_err": rel_err(grads, ref_grads)}
+    except Exception as e:  # pylint: disable=broad-except  # reported, timing goes on
+      results[impl] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+  return results
+
+
 def measure(batch: int, length: int, heads: int, head_dim: int, buckets: int, dtype: str,
             impls, steps: int, warmup: int, flash_block: int = 64) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
@@ -183,6 +225,9 @@ def main(argv):
     impls = [i for i in OURS + PLAIN if not (i == "flash" and jax.default_backend() == "cpu")]
   r = measure(_BATCH.value, _SEQ_LEN.value, _HEADS.value, _HEAD_DIM.value, _BUCKETS.value,
               _DTYPE.value, impls, _STEPS.value, _WARMUP.value, _FLASH_BLOCK.value)
+  if _CHECK.value:
+    r["check"] = check(_BATCH.value, _SEQ_LEN.value, _HEADS.value, _HEAD_DIM.value,
+                       _BUCKETS.value, r["dtype"], impls, _FLASH_BLOCK.value)
   print(f"attention B={r['batch']} L={r['seq_len']} heads={r['heads']} d={r['head_dim']} "
         f"R={r['relative_slots']} {r['dtype']} on {r['device']} (jax {r['jax_version']})")
   for impl, t in r["ms"].items():
@@ -193,6 +238,10 @@ def main(argv):
     print(f"  {impl:10s} skipped: {err}")
   for name, value in r["ratios"].items():
     print(f"  {name}: {value:.2f}x")
+  for impl, errs in r.get("check", {}).items():
+    print(f"  check {impl:6s} vs float32 gather: "
+          + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in errs.items()))
   print(json.dumps(r), flush=True)
 
 

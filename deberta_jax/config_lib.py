@@ -29,10 +29,11 @@ def _require(condition: bool, field: str, message: str):
 
 def check_backend(config: ml_collections.ConfigDict, backend: str) -> None:
   """Settings that depend on the accelerator: called once jax knows its backend."""
-  if config.model.attention_impl == "flash" and backend not in ("gpu", "cuda", "rocm", "cpu"):
+  if config.model.attention_impl == "flash" and backend not in ("gpu", "cuda", "rocm", "tpu",
+                                                                  "cpu"):
     raise ConfigError(
-        f"config.model.attention_impl: 'flash' runs Pallas Triton kernels (GPU, or the slow "
-        f"interpreter on CPU); this backend is {backend!r}: use 'skew'")
+        f"config.model.attention_impl: 'flash' has Pallas kernels for GPU (Triton) and TPU "
+        f"(Mosaic), and runs them interpreted on CPU; this backend is {backend!r}: use 'skew'")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -31,9 +31,10 @@ Two variants of N_g:
     skips the discarded pass (models/pretraining.py), so it does one layer pass fewer. MFU from
     this count never credits work that is not done (base, L=512: 4.6% lower than "spec").
 
-Implementation work beyond model FLOPs is never credited: the skew attention form multiplies
-against all 2L - 1 distances (1023 rows at L=512, twice R), the gather form against the band of
-the table the length reaches, and the generator head runs on ceil(p L) slots, padded ones included.
+Implementation work beyond model FLOPs is never credited: the skew and flash attention forms
+multiply against all 2L - 1 distances (1023 rows at L=512, twice R), the gather form against the
+band of the table the length reaches, the flash backward recomputes the score tiles and the
+per-distance tables, and the generator head runs on ceil(p L) slots, padded ones included.
 """
 
 from __future__ import annotations

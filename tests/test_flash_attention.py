@@ -1,8 +1,9 @@
-"""The fused disentangled-attention kernels (models/flash_attention.py).
+"""The fused disentangled-attention kernels (models/flash_attention.py), GPU and TPU sets.
 
 On CPU the Pallas kernels run in the interpreter, so these tests check their arithmetic (forward,
-every gradient, padding, dropout, sharding) against plain jnp; a separate test lowers them to
-Triton IR for a GPU target, which catches what only the GPU compiler path would reject.
+every gradient, padding, dropout, sharding) against plain jnp; separate tests lower them for
+their targets (Triton IR for CUDA, Mosaic for TPU), which catches what only the accelerator's
+lowering path would reject (tile shapes, unsupported operations, indexing).
 """
 
 import chex
@@ -36,21 +37,24 @@ def _weighted_sum(fn, mask, weights, **kwargs):
   return lambda *args: jnp.sum(fn(*args, mask, **kwargs).astype(jnp.float32) * weights)
 
 
-@pytest.mark.parametrize("length,rate", [(40, 0.0), (64, 0.0), (48, 0.1), (17, 0.2)])
-def test_kernels_equal_plain_attention_forward_and_backward(length, rate):
+@pytest.mark.parametrize("backend,length,rate", [
+    ("triton", 40, 0.0), ("triton", 64, 0.0), ("triton", 48, 0.1), ("triton", 17, 0.2),
+    ("mosaic", 40, 0.0), ("mosaic", 48, 0.1)])
+def test_kernels_equal_plain_attention_forward_and_backward(backend, length, rate):
   """Context and the gradients of q, k, v and both relative tables, with padding (40 and 17 are
   not multiples of the 16-row tile), masked keys and dropout."""
   args, mask = _inputs(length=length)
   seed = jnp.uint32(1234)
   weights = jax.random.normal(jax.random.key(9), args[0].shape)
   kw = dict(dropout_rate=rate, dropout_seed=seed)
-  ours = fa.fused_attention(*args, mask, block=16, **kw)
+  ours = fa.fused_attention(*args, mask, block=16, backend=backend, **kw)
   ref = fa.reference_attention(*args, mask, **kw)
   chex.assert_shape(ours, args[0].shape)
   chex.assert_trees_all_close(ours, ref, atol=2e-6, rtol=1e-5)
   # Pad query rows give exactly zero, like masked_softmax's zeroed rows.
   np.testing.assert_array_equal(np.asarray(ours)[-1, :, length * 3 // 4:], 0.0)
-  grads = jax.grad(_weighted_sum(fa.fused_attention, mask, weights, block=16, **kw),
+  grads = jax.grad(_weighted_sum(fa.fused_attention, mask, weights, block=16, backend=backend,
+                                 **kw),
                    argnums=range(5))(*args)
   ref_grads = jax.grad(_weighted_sum(fa.reference_attention, mask, weights, **kw),
                        argnums=range(5))(*args)
@@ -60,10 +64,11 @@ def test_kernels_equal_plain_attention_forward_and_backward(length, rate):
     chex.assert_trees_all_close(g, r, atol=1e-5 * scale, rtol=1e-5, custom_message=name)
 
 
-def test_multiple_tiles_per_row_in_bfloat16():
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_multiple_tiles_per_row_in_bfloat16(backend):
   """bf16 operands, 4 x 4 tiles of 16: the online softmax across key tiles, and 16-bit tables."""
   args, mask = _inputs(batch=1, heads=3, length=64, head_dim=32, dtype=jnp.bfloat16)
-  ours = fa.fused_attention(*args, mask, block=16)
+  ours = fa.fused_attention(*args, mask, block=16, backend=backend)
   chex.assert_type(ours, jnp.bfloat16)
   ref = fa.reference_attention(*[a.astype(jnp.float32) for a in args], mask)
   sel = np.asarray(mask, bool)
@@ -141,28 +146,44 @@ def test_sharded_kernels_equal_one_device_with_dropout():
                          np.asarray(module.apply(params, hidden, hidden, rel_table, mask, True)))
 
 
-@pytest.mark.parametrize("batch,heads,length,head_dim", [(2, 12, 512, 64), (4, 4, 100, 16)])
-def test_kernels_lower_to_triton_for_a_gpu(batch, heads, length, head_dim):
-  """Lowering the training computation (forward + backward, dropout on, bf16) for CUDA runs the
-  Pallas Triton lowering on this CPU: power-of-two tiles, supported ops and the gather/scatter
-  indexing are all checked, three kernels come out. Compiling Triton IR to PTX needs a GPU."""
+def _lower(platform, batch, heads, length, head_dim):
+  """The MLIR of forward + backward (dropout on, bf16) lowered for `platform` on this CPU."""
   export = pytest.importorskip("jax.export")
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+  backend = {"cuda": "triton", "tpu": "mosaic"}[platform]
+  call = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
 
   def loss(q, k, v, qr, kr, mask, seed):
     out = fa.fused_attention(q, k, v, qr, kr, mask, dropout_rate=0.1, dropout_seed=seed,
-                             interpret=False)
+                             backend=backend, interpret=False)
     return jnp.sum(out.astype(jnp.float32))
 
   args = ((shape(batch, heads, length, head_dim),) * 3
           + (shape(2 * length - 1, heads, head_dim),) * 2
           + (shape(batch, length, dtype=jnp.int32), shape(dtype=jnp.uint32)))
-  triton = "__gpu$xla.gpu.triton"
   exported = export.export(
-      jax.jit(jax.value_and_grad(loss, argnums=range(5))), platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
-  text = exported.mlir_module()
+      jax.jit(jax.value_and_grad(loss, argnums=range(5))), platforms=[platform],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(call)])(*args)
+  return exported.mlir_module(), call
+
+
+@pytest.mark.parametrize("batch,heads,length,head_dim", [(2, 12, 512, 64), (4, 4, 100, 16)])
+def test_gpu_kernels_lower_to_triton(batch, heads, length, head_dim):
+  """Lowering for CUDA runs the Pallas Triton lowering on this CPU: power-of-two tiles,
+  supported ops and the gather/scatter indexing are all checked, three kernels come out.
+  Compiling the Triton IR to PTX needs a GPU."""
+  text, call = _lower("cuda", batch, heads, length, head_dim)
   for kernel in ("disentangled_attention_forward", "disentangled_attention_dq",
                  "disentangled_attention_dkv"):
     assert f'name = "{kernel}"' in text, kernel
-  assert text.count(f"@{triton}") == 3
+  assert text.count(f"@{call}") == 3
+
+
+@pytest.mark.parametrize("batch,heads,length,head_dim", [(2, 12, 512, 64), (2, 4, 100, 64)])
+def test_tpu_kernels_lower_to_mosaic(batch, heads, length, head_dim):
+  """Lowering for TPU runs the Pallas Mosaic lowering on this CPU (block shapes, the strided
+  rotations, VMEM scratch); the Mosaic compiler itself runs only on a TPU."""
+  text, call = _lower("tpu", batch, heads, length, head_dim)
+  assert text.count(f"@{call}") == 3
+  for kernel in ("forward", "dq", "dkv"):
+    assert f"disentangled_attention_{kernel}_tpu" in text, kernel

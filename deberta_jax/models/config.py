@@ -42,9 +42,10 @@ class ModelConfig:
   # Compute dtype of matmuls and activations; parameters always stay float32.
   dtype: str = "float32"
   # Attention implementation: 'gather' (the reference's index gather), 'skew' (relative shift) or
-  # 'flash' (fused Pallas kernels, GPU; models/flash_attention.py).
+  # 'flash' (fused Pallas kernels for GPU and TPU; models/flash_attention.py).
   attention_impl: str = "gather"
-  # Tile size (rows of queries and keys) of the 'flash' kernels: a power of two >= 16.
+  # Tile size (rows of queries and keys) of the 'flash' kernels: a power of two >= 16 (TPU: at
+  # least 128 is used).
   flash_block: int = 64
   # Rematerialisation of each layer in the backward pass: 'none', 'full' or 'dots'.
   remat: str = "none"
