@@ -187,3 +187,23 @@ def test_tpu_kernels_lower_to_mosaic(batch, heads, length, head_dim):
   assert text.count(f"@{call}") == 3
   for kernel in ("forward", "dq", "dkv"):
     assert f"disentangled_attention_{kernel}_tpu" in text, kernel
+
+
+def test_encoder_gradients_with_remat_and_scanned_layers():
+  """The kernels' custom VJP inside jax.checkpoint (remat='dots') and lax.scan (scan_layers):
+  the encoder's loss and parameter gradients equal the skew path's."""
+  from flax.linen import meta  # pylint: disable=g-import-not-at-top
+  from deberta_jax.models import DebertaEncoder  # pylint: disable=g-import-not-at-top
+  base = dict(vocab_size=100, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,
+              position_buckets=16, max_position_embeddings=64, position_table=False)
+  ids = jnp.asarray(np.random.default_rng(0).integers(4, 100, (2, 24)), jnp.int32)
+  mask = jnp.ones_like(ids).at[1, 12:].set(0)
+  skew = ModelConfig(**base, attention_impl="skew")
+  params = meta.unbox(DebertaEncoder(skew).init(jax.random.key(0), ids, mask)["params"])
+
+  def loss_and_grads(config):
+    loss = lambda p: jnp.sum(DebertaEncoder(config).apply({"params": p}, ids, mask) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  flash = ModelConfig(**base, attention_impl="flash", remat="dots", scan_layers=True)
+  chex.assert_trees_all_close(loss_and_grads(flash), loss_and_grads(skew), atol=1e-4, rtol=1e-4)
