@@ -34,6 +34,12 @@ def check_backend(config: ml_collections.ConfigDict, backend: str) -> None:
     raise ConfigError(
         f"config.model.attention_impl: 'flash' has Pallas kernels for GPU (Triton) and TPU "
         f"(Mosaic), and runs them interpreted on CPU; this backend is {backend!r}: use 'skew'")
+  head = config.model.hidden_size // config.model.num_heads
+  if (config.model.attention_impl == "flash" and backend in ("gpu", "cuda", "rocm")
+      and (head < 16 or head & (head - 1))):
+    raise ConfigError(
+        f"config.model.attention_impl: the 'flash' GPU kernels need a power-of-two head size "
+        f">= 16; hidden_size / num_heads = {head}: use 'skew'")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

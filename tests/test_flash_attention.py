@@ -207,3 +207,22 @@ def test_encoder_gradients_with_remat_and_scanned_layers():
 
   flash = ModelConfig(**base, attention_impl="flash", remat="dots", scan_layers=True)
   chex.assert_trees_all_close(loss_and_grads(flash), loss_and_grads(skew), atol=1e-4, rtol=1e-4)
+
+
+def test_backend_checks_name_the_field():
+  """'flash' is refused, with the field named, where no kernels exist or the head size does not
+  suit the Triton kernels."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from deberta_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.attention_impl = "flash"
+  for backend in ("cpu", "gpu", "tpu"):
+    config_lib.check_backend(config, backend)
+  with pytest.raises(config_lib.ConfigError, match="config.model.attention_impl"):
+    config_lib.check_backend(config, "metal")
+  config.model.hidden_size, config.model.num_heads = 96, 2  # head size 48
+  config_lib.check_backend(config, "tpu")
+  with pytest.raises(config_lib.ConfigError, match="power-of-two head size"):
+    config_lib.check_backend(config, "gpu")
+  config.model.attention_impl = "skew"
+  config_lib.check_backend(config, "metal")

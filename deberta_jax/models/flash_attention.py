@@ -53,6 +53,10 @@ __all__ = ["fused_attention", "reference_attention", "relative_tables", "keep_ma
 _KERNELS = {"triton": flash_kernels_gpu, "mosaic": flash_kernels_tpu}
 
 
+def _power_of_two_at_least_16(n: int) -> bool:
+  return n >= 16 and not n & (n - 1)
+
+
 def block_size(length: int, preferred: int = 64) -> int:
   """A power of two in [16, preferred]; Triton tiles must be powers of two and dots >= 16."""
   size = 16
@@ -145,6 +149,9 @@ def fused_attention(q, k, v, qr_by_distance, kr_by_distance, token_mask, *,
     raise ValueError(f"fused_attention: backend {backend!r} is not one of {sorted(_KERNELS)}")
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
+  if backend == "triton" and not interpret and not _power_of_two_at_least_16(head_dim):
+    raise ValueError(f"fused_attention: the Triton kernels need a power-of-two head size >= 16, "
+                     f"not {head_dim}")
   tile = block_size(length, block)
   if backend == "mosaic" and not interpret:
     tile = max(tile, 128)  # TPU lanes: a tile row of scores spans at least one vreg row
