@@ -20,6 +20,20 @@ from deberta_jax.models import flash_attention as fa
 from deberta_jax.models.config import ModelConfig
 
 
+def _native(backend: str) -> bool:
+  """Whether `backend`'s kernels run compiled here (on their accelerator) rather than interpreted.
+
+  The file also runs on a GPU (`JAX_PLATFORMS=cuda python -m pytest tests/test_flash_attention.py`):
+  there the Triton kernels run for real, the Mosaic ones interpreted, and float32 matmuls may
+  use TF32 on both sides of a comparison, hence the looser tolerance.
+  """
+  return jax.default_backend() == {"triton": "gpu", "mosaic": "tpu"}[backend]
+
+
+def _tolerance(backend: str, tight: float) -> float:
+  return 1e-2 if _native(backend) else tight
+
+
 def _inputs(batch=2, heads=2, length=40, head_dim=16, seed=0, dtype=jnp.float32):
   keys = jax.random.split(jax.random.key(seed), 5)
   normal = lambda key, shape, scale=1.0: (jax.random.normal(key, shape) * scale).astype(dtype)
@@ -47,28 +61,32 @@ def test_kernels_equal_plain_attention_forward_and_backward(backend, length, rat
   seed = jnp.uint32(1234)
   weights = jax.random.normal(jax.random.key(9), args[0].shape)
   kw = dict(dropout_rate=rate, dropout_seed=seed)
-  ours = fa.fused_attention(*args, mask, block=16, backend=backend, **kw)
+  interpret = not _native(backend)
+  ours = fa.fused_attention(*args, mask, block=16, backend=backend, interpret=interpret, **kw)
   ref = fa.reference_attention(*args, mask, **kw)
   chex.assert_shape(ours, args[0].shape)
-  chex.assert_trees_all_close(ours, ref, atol=2e-6, rtol=1e-5)
+  chex.assert_trees_all_close(ours, ref, atol=_tolerance(backend, 2e-6),
+                              rtol=_tolerance(backend, 1e-5))
   # Pad query rows give exactly zero, like masked_softmax's zeroed rows.
   np.testing.assert_array_equal(np.asarray(ours)[-1, :, length * 3 // 4:], 0.0)
   grads = jax.grad(_weighted_sum(fa.fused_attention, mask, weights, block=16, backend=backend,
-                                 **kw),
+                                 interpret=interpret, **kw),
                    argnums=range(5))(*args)
   ref_grads = jax.grad(_weighted_sum(fa.reference_attention, mask, weights, **kw),
                        argnums=range(5))(*args)
   for name, g, r in zip(("q", "k", "v", "qr", "kr"), grads, ref_grads):
     scale = float(jnp.max(jnp.abs(r)))
     assert scale > 0, name
-    chex.assert_trees_all_close(g, r, atol=1e-5 * scale, rtol=1e-5, custom_message=name)
+    chex.assert_trees_all_close(g, r, atol=_tolerance(backend, 1e-5) * scale,
+                                rtol=_tolerance(backend, 1e-5), custom_message=name)
 
 
 @pytest.mark.parametrize("backend", ["triton", "mosaic"])
 def test_multiple_tiles_per_row_in_bfloat16(backend):
   """bf16 operands, 4 x 4 tiles of 16: the online softmax across key tiles, and 16-bit tables."""
   args, mask = _inputs(batch=1, heads=3, length=64, head_dim=32, dtype=jnp.bfloat16)
-  ours = fa.fused_attention(*args, mask, block=16, backend=backend)
+  ours = fa.fused_attention(*args, mask, block=16, backend=backend,
+                            interpret=not _native(backend))
   chex.assert_type(ours, jnp.bfloat16)
   ref = fa.reference_attention(*[a.astype(jnp.float32) for a in args], mask)
   sel = np.asarray(mask, bool)
@@ -118,17 +136,20 @@ def test_module_flash_equals_skew_without_dropout():
   skew, flash = _attention_module("skew"), _attention_module("flash")
   params = skew.init(jax.random.key(0), hidden, hidden, rel_table, mask, True)
   run = lambda module, p: module.apply(p, hidden, hidden, rel_table, mask, True)
-  chex.assert_trees_all_close(run(flash, params), run(skew, params), atol=2e-6)
+  native = _native(fa.default_backend())
+  chex.assert_trees_all_close(run(flash, params), run(skew, params),
+                              atol=1e-2 if native else 2e-6)
   loss = lambda module: lambda p: jnp.sum(run(module, p) ** 2)
   chex.assert_trees_all_close(jax.grad(loss(flash))(params), jax.grad(loss(skew))(params),
-                              atol=1e-5, rtol=1e-4)
+                              atol=1e-2 if native else 1e-5, rtol=1e-2 if native else 1e-4)
 
 
 def test_sharded_kernels_equal_one_device_with_dropout():
   """Under a data=2, fsdp=2, tensor=2 mesh each device runs the kernels on its rows and heads
   (shard_map); with dropout on, equal outputs show that the stream offsets make the shards'
   masks the single-device mask."""
-  assert jax.device_count() == 8
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (CPU runs fake them, see conftest.py)")
   hidden, rel_table, mask = _module_inputs(batch=4)
   module = _attention_module("flash")
   params = module.init(jax.random.key(0), hidden, hidden, rel_table, mask, True)
@@ -140,7 +161,8 @@ def test_sharded_kernels_equal_one_device_with_dropout():
     batch_sharded = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     sharded = jax.jit(apply)(params, jax.device_put(hidden, batch_sharded), rel_table,
                              jax.device_put(mask, batch_sharded))
-  chex.assert_trees_all_close(sharded, one_device, atol=2e-6)
+  chex.assert_trees_all_close(sharded, one_device,
+                              atol=1e-2 if _native(fa.default_backend()) else 2e-6)
   # Dropout did act: the deterministic output differs.
   assert not np.allclose(np.asarray(one_device),
                          np.asarray(module.apply(params, hidden, hidden, rel_table, mask, True)))
@@ -206,7 +228,8 @@ def test_encoder_gradients_with_remat_and_scanned_layers():
     return jax.jit(jax.value_and_grad(loss))(params)
 
   flash = ModelConfig(**base, attention_impl="flash", remat="dots", scan_layers=True)
-  chex.assert_trees_all_close(loss_and_grads(flash), loss_and_grads(skew), atol=1e-4, rtol=1e-4)
+  tol = 1e-2 if _native(fa.default_backend()) else 1e-4
+  chex.assert_trees_all_close(loss_and_grads(flash), loss_and_grads(skew), atol=tol, rtol=tol)
 
 
 def test_backend_checks_name_the_field():
