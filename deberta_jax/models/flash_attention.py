@@ -47,8 +47,8 @@ from deberta_jax.models import flash_kernels_gpu
 from deberta_jax.models import flash_kernels_tpu
 from deberta_jax.models.flash_common import keep_mask, keep_scale
 
-__all__ = ["fused_attention", "reference_attention", "relative_tables", "keep_mask", "keep_scale",
-           "block_size"]
+__all__ = ["block_size", "default_backend", "fused_attention", "keep_mask", "keep_scale",
+           "reference_attention", "relative_tables"]
 
 _KERNELS = {"triton": flash_kernels_gpu, "mosaic": flash_kernels_tpu}
 

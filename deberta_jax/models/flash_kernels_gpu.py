@@ -65,6 +65,7 @@ def _dropout_stream(seed_ref):
 
 def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_ref, p2c_ref, mask_ref,
                     out_ref, lse_ref, *, block_q, block_k, rate):
+  """One query block: online softmax over the key blocks; writes the context and log-sum-exp."""
   length = k_ref.shape[0]
   q_start = pl.program_id(2) * block_q
   seed, stream, true_length = _dropout_stream(seed_ref)
@@ -102,6 +103,8 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_ref, p2c_ref, mask_ref,
 
 def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_ref, p2c_ref, mask_ref, do_ref, lse_ref,
                delta_ref, _dc2p_zeros_ref, dq_ref, dc2p_ref, *, block_q, block_k, rate):
+  """One query block: dQ, and the score gradients scattered into its rows of the c2p table's
+  gradient (the zeroed buffer aliased to dc2p_ref)."""
   length = k_ref.shape[0]
   q_start = pl.program_id(2) * block_q
   seed, stream, true_length = _dropout_stream(seed_ref)
