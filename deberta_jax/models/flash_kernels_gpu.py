@@ -48,6 +48,20 @@ def _dot(a, b, trans_b=False):
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def _score_tile(q, q_start, k_start, refs, block_q, block_k):
+  """The [block_q, block_k] scores c2c + c2p + p2c at (q_start, k_start), float32, with the
+  tile's positions, keys, values and key validity. refs = (k, v, c2p, p2c, mask)."""
+  k_ref, v_ref, c2p_ref, p2c_ref, mask_ref = refs
+  length = k_ref.shape[0]
+  rows, cols = _tile_indices(q_start, k_start, block_q, block_k)
+  k = k_ref[pl.ds(k_start, block_k), :]
+  v = v_ref[pl.ds(k_start, block_k), :]
+  k_valid = mask_ref[pl.ds(k_start, block_k)] > 0
+  s = (_dot(q, k, trans_b=True) + _c2p_tile(c2p_ref, rows, cols, length)
+       + _p2c_tile_transposed(p2c_ref, rows, cols, length).T)
+  return s, rows, cols, k, v, k_valid
+
+
 def _dropout_stream(seed_ref):
   """(seed, global batch * heads + head index, unpadded length) of this program.
 
@@ -72,15 +86,11 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_ref, p2c_ref, mask_ref,
   q = q_ref[...]
   q_valid = mask_ref[pl.ds(q_start, block_q)] > 0
 
+  refs = (k_ref, v_ref, c2p_ref, p2c_ref, mask_ref)
+
   def body(kb, carry):
     acc, m_prev, l_prev = carry
-    k_start = kb * block_k
-    rows, cols = _tile_indices(q_start, k_start, block_q, block_k)
-    k = k_ref[pl.ds(k_start, block_k), :]
-    v = v_ref[pl.ds(k_start, block_k), :]
-    k_valid = mask_ref[pl.ds(k_start, block_k)] > 0
-    s = (_dot(q, k, trans_b=True) + _c2p_tile(c2p_ref, rows, cols, length)
-         + _p2c_tile_transposed(p2c_ref, rows, cols, length).T)
+    s, rows, cols, _, v, k_valid = _score_tile(q, q_start, kb * block_k, refs, block_q, block_k)
     s = jnp.where(k_valid[None, :], s, NEG)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     correction = jnp.exp(m_prev - m_next)
@@ -113,14 +123,10 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_ref, p2c_ref, mask_ref, do_ref
   lse = lse_ref[...]
   delta = delta_ref[...]
 
+  refs = (k_ref, v_ref, c2p_ref, p2c_ref, mask_ref)
+
   def body(kb, dq):
-    k_start = kb * block_k
-    rows, cols = _tile_indices(q_start, k_start, block_q, block_k)
-    k = k_ref[pl.ds(k_start, block_k), :]
-    v = v_ref[pl.ds(k_start, block_k), :]
-    k_valid = mask_ref[pl.ds(k_start, block_k)] > 0
-    s = (_dot(q, k, trans_b=True) + _c2p_tile(c2p_ref, rows, cols, length)
-         + _p2c_tile_transposed(p2c_ref, rows, cols, length).T)
+    s, rows, cols, k, v, k_valid = _score_tile(q, q_start, kb * block_k, refs, block_q, block_k)
     p = jnp.where(k_valid[None, :], jnp.exp(s - lse[:, None]), 0.0)
     dp = _dot(do, v, trans_b=True)
     if rate > 0.0:
