@@ -50,6 +50,6 @@ fi
 
 JAX_PLATFORMS=cuda step flash_tests 90 python -m pytest -q -x tests/test_flash_attention.py -k "not lower"
 step attn 120 "${A[@]}" --impls skew,flash,plain,dpa_cudnn
-step attn_block128 45 "${A[@]}" --impls flash --check=false --flash_block 128
+step attn_block32 45 "${A[@]}" --impls flash --check=false --flash_block 32
 step base_flash 200 "${B[@]}" --config=configs/base.py --seq_len 512 --batch 32 --reference=torch --config.model.attention_impl=flash
 step base_skew 120 "${B[@]}" --config=configs/base.py --seq_len 512 --batch 32 --profile

@@ -44,8 +44,8 @@ class ModelConfig:
   # Attention implementation: 'gather' (the reference's index gather), 'skew' (relative shift) or
   # 'flash' (fused Pallas kernels for GPU and TPU; models/flash_attention.py).
   attention_impl: str = "gather"
-  # Tile size (rows of queries and keys) of the 'flash' kernels: a power of two >= 16 (TPU: at
-  # least 128 is used).
+  # Tile size (rows of queries and keys) of the 'flash' kernels: a power of two >= 16. GPU: 64
+  # compiles without register spills for sm_90, 128 spills (docs/benchmarks.md); TPU uses >= 128.
   flash_block: int = 64
   # Rematerialisation of each layer in the backward pass: 'none', 'full' or 'dots'.
   remat: str = "none"
