@@ -94,8 +94,9 @@ def microbatches(config, mesh) -> int:
 def state_shardings(model, optimizers, config, mesh):
   """Shardings of the train state from its shapes alone (jax.eval_shape: nothing is allocated)."""
   init = lambda key: ts.init_state(model, optimizers, config, key)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  key = jax.random.key(config.seed)  # a concrete key, made outside the mesh (which may be
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):  # compile-only)
+    abstract = jax.eval_shape(init, key)
     return sharding.logical_to_sharding(abstract, mesh)
 
 

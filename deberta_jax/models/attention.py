@@ -50,12 +50,13 @@ def relative_terms_skew(q, k, qr_by_distance, kr_by_distance):
   """
   batch = q.shape[0]
   # c2p[i, j] = c2p[i, (L-1) + i - j]: reversing the (small) distance axis of kr turns that into
-  # reversed[i, (L-1) - i + j], the form _skew reads.  p2c[i, j] = p2c[j, (L-1) + i - j].
+  # reversed[i, (L-1) - i + j], the form relative_shift reads.  p2c[i, j] = p2c[j, (L-1) + i - j].
   kr_reversed = _per_sequence(jnp.flip(kr_by_distance, axis=0), batch)
   c2p = jnp.einsum("bnqd,bntd->bnqt", q, kr_reversed, preferred_element_type=jnp.float32)
   p2c = jnp.einsum("bnkd,bntd->bnkt", k, _per_sequence(qr_by_distance, batch),
                    preferred_element_type=jnp.float32)
-  return _skew(c2p) + jnp.swapaxes(_skew(p2c), -1, -2)
+  skew = relative_position.relative_shift
+  return skew(c2p) + jnp.swapaxes(skew(p2c), -1, -2)
 
 
 def _per_sequence(rel: jax.Array, batch: int) -> jax.Array:
@@ -68,15 +69,6 @@ def _per_sequence(rel: jax.Array, batch: int) -> jax.Array:
   """
   rel = jnp.swapaxes(rel, 0, 1)
   return jnp.broadcast_to(rel[None], (batch,) + rel.shape)
-
-
-def _skew(y: jax.Array) -> jax.Array:
-  """out[a, b] = y[a, b + (L-1) - a] for y [..., L, 2L-1]: pad one column, flatten, re-cut."""
-  *lead, length, width = y.shape
-  padded = jnp.pad(y, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])
-  flat = padded.reshape(*lead, length * (width + 1))
-  flat = jax.lax.slice_in_dim(flat, length - 1, length - 1 + length * width, axis=-1)
-  return flat.reshape(*lead, length, width)[..., :length]
 
 
 class DisentangledSelfAttention(nn.Module):

@@ -18,7 +18,8 @@ so the per-distance products are plain batched matmuls computed by XLA outside t
   p2c[b, n, j, t] = k_j . qr(distance t - (L-1))   term of (i, j) at t = (L-1) + i - j
 
 and a tile reads its terms from them: the GPU kernels (flash_kernels_gpu.py) with computed-index
-loads, the TPU kernels (flash_kernels_tpu.py) with a strided lane rotation of a [T, 2T] window.
+loads, the TPU kernel (flash_kernels_tpu.py: forward only, the backward is XLA's there) with a
+strided lane rotation of a [T, 2T] window.
 The c2p table is stored with its distance axis reversed so that, in both tables, the entries a
 tile needs run contiguously along one tile axis (along keys for c2p, along queries for p2c). In
 the backward pass each table entry receives the score gradient of exactly one (i, j) pair, so the
@@ -32,8 +33,10 @@ Attention dropout is regenerated from a counter-based hash of (seed, batch, head
 random stream differs from `layers.Dropout`'s (the keep rate and the scaling are the same).
 
 Status: on CPU the kernels run in Pallas' interpreter, which is what the tests use, and both
-kernel sets are lowered for their targets (Triton IR for CUDA, Mosaic for TPU) in the tests.
-Neither has yet been compiled or timed on an accelerator (docs/benchmarks.md).
+kernel sets are lowered for their targets (Triton IR for CUDA, Mosaic for TPU) in the tests;
+experiments/ compiles them further (sm_90 cubins with PyPI's Triton, a v5p executable with
+libtpu), without an accelerator.
+Neither has yet run on an accelerator (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -60,3 +62,16 @@ def distance_rows(length: int, buckets: int, max_distance: int) -> np.ndarray:
   rows = rows.astype(np.int32)
   rows.setflags(write=False)
   return rows
+
+
+def relative_shift(y: jax.Array) -> jax.Array:
+  """out[a, b] = y[a, b + (L-1) - a] for y [..., L, 2L-1]: pad one column, flatten, re-cut.
+
+  Turns per-distance products (row a, one column per distance) into the [L, L] pair layout
+  without a gather: the skew attention form and the TPU kernels' XLA backward use it.
+  """
+  *lead, length, width = y.shape
+  padded = jnp.pad(y, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])
+  flat = padded.reshape(*lead, length * (width + 1))
+  flat = jax.lax.slice_in_dim(flat, length - 1, length - 1 + length * width, axis=-1)
+  return flat.reshape(*lead, length, width)[..., :length]

@@ -1,0 +1,79 @@
+"""Compiles the fused attention (and a whole training step) for a TPU on a machine without one.
+
+libtpu can compile for a described topology with no chip present (jax.experimental.topologies),
+so Mosaic's own compiler checks the TPU kernel, and XLA's TPU memory figures come out, before
+any TPU time is spent. libtpu is not a project dependency (~210 MB); use a separate venv that
+sees the project's packages:
+
+  python3 -m venv /tmp/tpuv
+  echo /path/to/project/venv/lib/python3.11/site-packages > /tmp/tpuv/lib/python3.11/site-packages/project.pth
+  /tmp/tpuv/bin/pip install --no-deps "libtpu==0.0.42.*"        # the version jax[tpu] pins
+  export JAX_PLATFORMS=cpu TPU_WORKER_HOSTNAMES=localhost TPU_ACCELERATOR_TYPE=v5p-8
+  /tmp/tpuv/bin/python experiments/tpu_aot_check.py attention              # kernel fwd+bwd
+  /tmp/tpuv/bin/python experiments/tpu_aot_check.py step --impl flash      # base dry run
+
+`step` is the `dry_run` of configs/base.py (per-chip memory, micro-batch search) on the
+topology's compile-only devices instead of this host's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def main():
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("what", choices=["attention", "step"])
+  parser.add_argument("--topology", default="v5p:2x2x1")
+  parser.add_argument("--impl", default="flash", help="step: model.attention_impl")
+  parser.add_argument("--per_chip", type=int, default=32, help="step: sequences per chip")
+  parser.add_argument("--memory_gb", type=float, default=95.0, help="step: HBM per chip")
+  args = parser.parse_args()
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+
+  devices = list(topologies.get_topology_desc(args.topology, "tpu").devices)
+  if args.what == "attention":
+    from deberta_jax.models import flash_attention  # pylint: disable=import-outside-toplevel
+    one = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
+    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype, sharding=one)
+    batch, heads, length, head_dim = 2, 12, 512, 64
+
+    def loss(q, k, v, qr, kr, mask, seed):
+      out = flash_attention.fused_attention(q, k, v, qr, kr, mask, dropout_rate=0.1,
+                                            dropout_seed=seed, backend="mosaic", interpret=False)
+      return jnp.sum(out.astype(jnp.float32))
+
+    operands = ((shape(batch, heads, length, head_dim),) * 3
+                + (shape(2 * length - 1, heads, head_dim),) * 2
+                + (shape(batch, length, dtype=jnp.int32), shape(dtype=jnp.uint32)))
+    start = time.time()
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=range(5))).lower(*operands).compile()
+    memory = compiled.memory_analysis()
+    print(f"{args.topology}: fused attention fwd+bwd {batch}x{heads}x{length}x{head_dim} bf16 "
+          f"compiled in {time.time() - start:.1f} s; temporaries "
+          f"{memory.temp_size_in_bytes / 2**30:.2f} GiB")
+    return
+
+  from configs import base  # pylint: disable=import-outside-toplevel
+  from deberta_jax import sharding, train  # pylint: disable=import-outside-toplevel
+  make_mesh = sharding.make_mesh
+  sharding.make_mesh = lambda config, _=None: make_mesh(config, devices)
+  config = base.get_config()
+  config.global_batch_size = args.per_chip * len(devices)
+  config.model.attention_impl = args.impl
+  config.mesh.device_memory_gb = args.memory_gb
+  config.dry_run = True
+  train.dry_run(config)
+
+
+if __name__ == "__main__":
+  main()
