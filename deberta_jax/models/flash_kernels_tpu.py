@@ -69,12 +69,10 @@ def _stream(seed_ref):
   return seed, b * seed_ref[3] + h, seed_ref[4]
 
 
-def _positions(tile, row_block, col_block, transposed=False):
-  """Absolute (query, key) positions of a tile; transposed tiles have keys as rows."""
+def _positions(tile, row_block, col_block):
+  """Absolute (query, key) positions of a tile."""
   row = jax.lax.broadcasted_iota(jnp.int32, (tile, tile), 0)
   col = jax.lax.broadcasted_iota(jnp.int32, (tile, tile), 1)
-  if transposed:
-    return row_block * tile + col, col_block * tile + row
   return row_block * tile + row, col_block * tile + col
 
 
@@ -127,12 +125,11 @@ def _row_block(tile, head_dim, axis):
                       lambda b, h, x, y: (b, h, (x, y)[axis - 2], 0))
 
 
-def _window_halves(tile, blocks, transposed_grid, table):
+def _window_halves(tile, blocks, table):
   """The two [T, T] blocks of a table window. table 'c2p': rows = query block, columns start at
   block nb-1-i+j; 'p2c': rows = key block, columns start at nb-1+i-j."""
   def index(half):
-    def fn(b, h, x, y):
-      i, j = (y, x) if transposed_grid else (x, y)
+    def fn(b, h, i, j):
       if table == "c2p":
         return b, h, i, blocks - 1 - i + j + half
       return b, h, j, blocks - 1 + i - j + half
@@ -164,8 +161,8 @@ def forward(seed, q, k, v, c2p, p2c, mask, *, rate, tile, interpret):
       grid=(batch, heads, blocks, blocks),
       in_specs=[_smem(), _row_block(tile, head_dim, 2), _row_block(tile, head_dim, 3),
                 _row_block(tile, head_dim, 3),
-                *_window_halves(tile, blocks, False, "c2p"),
-                *_window_halves(tile, blocks, False, "p2c"),
+                *_window_halves(tile, blocks, "c2p"),
+                *_window_halves(tile, blocks, "p2c"),
                 pl.BlockSpec((None, 1, tile), lambda b, h, i, j: (b, 0, j)),
                 pl.BlockSpec((None, tile, _LANES), lambda b, h, i, j: (b, i, 0))],
       out_specs=[_row_block(tile, head_dim, 2), _stat_column(tile, 2)],
