@@ -1,4 +1,4 @@
-"""The building blocks' own contracts: the 16-bit dropout and the head-major skew attention."""
+"""The building blocks' own contracts: the hash dropout and the head-major skew attention."""
 
 import chex
 import jax
@@ -22,7 +22,7 @@ def test_dropout_drops_at_the_rate_and_keeps_the_expectation(shape):
   out = _apply_dropout(rate, x)
   chex.assert_shape(out, shape)
   kept = np.asarray(out) != 0
-  scale = 65536.0 / (65536 - round(rate * 65536))
+  scale = 2.0**23 / (2.0**23 - round(rate * 2**23))
   np.testing.assert_allclose(np.asarray(out)[kept], scale, rtol=1e-6)
   if x.size >= 10_000:
     # 16k Bernoulli(0.9) draws: the drop fraction lies within 5 standard deviations of 0.1.
@@ -31,13 +31,27 @@ def test_dropout_drops_at_the_rate_and_keeps_the_expectation(shape):
     assert abs(np.asarray(out).mean() - 1.0) < 5 * sd * scale
 
 
-def test_dropout_masks_differ_by_key_and_position():
-  x = jnp.ones((4, 1000), jnp.float32)
-  a, b = _apply_dropout(0.5, x, seed=0), _apply_dropout(0.5, x, seed=1)
-  assert not np.array_equal(np.asarray(a), np.asarray(b))
-  # The two halves of one 32-bit draw must not be the same decision (a bad split would pair them).
-  kept = np.asarray(a) != 0
-  assert 0.4 < np.mean(kept[:, 0::2] == kept[:, 1::2]) < 0.6
+def test_dropout_masks_differ_by_key_row_and_position():
+  """Independent Bernoulli(0.5) masks agree on half the entries: between keys, between rows of
+  one call (each row is its own hash stream), and between neighbouring positions of a row."""
+  x = jnp.ones((2, 8, 1000), jnp.float32)
+  kept = lambda seed: np.asarray(_apply_dropout(0.5, x, seed=seed)) != 0
+  a, b = kept(0), kept(1)
+  assert 0.45 < np.mean(a == b) < 0.55
+  assert 0.45 < np.mean(a[0] == a[1]) < 0.55
+  assert 0.45 < np.mean(a[:, :-1] == a[:, 1:]) < 0.55
+  assert 0.45 < np.mean(a[:, :, :-1] == a[:, :, 1:]) < 0.55
+
+
+def test_dropout_mask_is_the_same_on_a_mesh():
+  """The mask comes from global positions: computed with the input sharded over 8 devices it
+  equals the single-device mask."""
+  x = jnp.ones((8, 16, 32), jnp.float32)
+  single = _apply_dropout(0.3, x)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", None, "b"))
+  sharded = jax.jit(lambda x: _apply_dropout(0.3, x), out_shardings=spec)(jax.device_put(x, spec))
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(single))
 
 
 def test_dropout_is_the_identity_when_deterministic_or_rate_zero():

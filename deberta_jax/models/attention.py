@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from deberta_jax.models import flash_attention
+from deberta_jax.models import hash_dropout
 from deberta_jax.models import layers
 from deberta_jax.models import relative_position
 from deberta_jax.models.config import ModelConfig
@@ -123,16 +124,19 @@ class DisentangledSelfAttention(nn.Module):
       # Only the band of relative rows this length can reach is projected (all of it for L >= 256).
       idx = relative_position.relative_index(length, buckets, max_distance)
       lo, hi = int(idx.min()), int(idx.max())
-      band = jax.lax.slice_in_dim(rel_table, lo, hi + 1, axis=0)
-      band = pos_dropout(band, deterministic=deterministic).astype(cfg.compute_dtype)
+      # Dropout on the whole table, then the band: the mask skew and flash draw.
+      table = pos_dropout(rel_table, deterministic=deterministic)
+      band = jax.lax.slice_in_dim(table, lo, hi + 1, axis=0).astype(cfg.compute_dtype)
       qr = query_proj(band).reshape(-1, heads, head)
       kr = key_proj(band).reshape(-1, heads, head)
       qr_scaled = (qr.astype(jnp.float32) * scale).astype(qr.dtype)
       scores = scores + relative_terms_gather(q_scaled, k, qr_scaled, kr, idx - lo)
 
     probs = masked_softmax(scores, mask)
-    probs = layers.Dropout(cfg.attention_dropout, name="attention_dropout")(
-        probs, deterministic=deterministic)
+    if not deterministic and cfg.attention_dropout > 0.0:
+      # The fused kernels' mask (same RNG draw as the flash branch above), not layers.Dropout.
+      seed = jax.random.bits(self.make_rng("dropout"), (), jnp.uint32)
+      probs = hash_dropout.drop_probabilities(probs, seed, cfg.attention_dropout)
     context = jnp.einsum("bnqk,bnkd->bqnd", probs.astype(cfg.compute_dtype), v)
     return context.reshape(batch, length, heads * head)
 

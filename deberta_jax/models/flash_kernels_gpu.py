@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from deberta_jax.models.flash_common import NEG, keep_mask, keep_scale
+from deberta_jax.models.flash_common import NEG
+from deberta_jax.models.hash_dropout import keep_mask, keep_scale
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from deberta_jax.models import flash_common as common
+from deberta_jax.models import hash_dropout
 from deberta_jax.models import relative_position
 
 _LANES = 128  # per-row statistics are kept replicated over one vreg row of lanes
@@ -102,8 +103,8 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_h
   if rate > 0.0:
     seed, stream, length = _stream(seed_ref)
     rows, cols = _positions(tile, i, j)
-    keep = common.keep_mask(seed, stream, rows, cols, length, rate)
-    p = jnp.where(keep, p * common.keep_scale(rate), 0.0)
+    keep = hash_dropout.keep_mask(seed, stream, rows, cols, length, rate)
+    p = jnp.where(keep, p * hash_dropout.keep_scale(rate), 0.0)
   acc_scratch[...] = correction * acc_scratch[...] + _dot(p.astype(v_ref.dtype), v_ref[...])
   m_scratch[...] = jnp.broadcast_to(m_next, m_scratch.shape)
   l_scratch[...] = jnp.broadcast_to(l_next, l_scratch.shape)
@@ -209,9 +210,9 @@ def _dense_attention(q, k, v, c2p, p2c, *, seed, mask, rate):
     positions = jnp.arange(length, dtype=jnp.int32)
     streams = ((seed[1] + jnp.arange(batch, dtype=jnp.int32))[:, None] * seed[3]
                + seed[2] + jnp.arange(heads, dtype=jnp.int32)[None, :])
-    keep = jax.vmap(jax.vmap(lambda stream: common.keep_mask(
+    keep = jax.vmap(jax.vmap(lambda stream: hash_dropout.keep_mask(
         seed[0].astype(jnp.uint32), stream, positions[:, None], positions[None, :], seed[4],
         rate)))(streams)
-    probs = jnp.where(keep, probs * common.keep_scale(rate), 0.0)
+    probs = jnp.where(keep, probs * hash_dropout.keep_scale(rate), 0.0)
   return jnp.einsum("bnij,bnjd->bnid", probs.astype(v.dtype), v,
                     preferred_element_type=jnp.float32).astype(q.dtype)

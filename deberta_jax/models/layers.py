@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deberta_jax.models import hash_dropout
 from deberta_jax.models.config import ModelConfig
 
 
@@ -68,14 +69,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 class Dropout(nn.Module):
-  """Inverted dropout that draws 16 random bits per element instead of 32.
+  """Inverted dropout whose mask is a counter hash (hash_dropout.py) instead of threefry bits.
 
-  Dropout on the [B, H, L, L] attention probabilities is one of the largest elementwise costs of
-  a training step, and most of it is the counter-based generator (threefry), which yields 32 bits
-  per evaluation. Splitting each 32-bit draw into two 16-bit uniforms halves that work; the drop
-  probability is then quantized to multiples of 2^-16 (0.1 -> 0.100006) and the survivors are
-  scaled by the exact inverse of the quantized keep probability, so E[output] = input still holds.
-  Uses the 'dropout' RNG stream, like flax's nn.Dropout.
+  One 32-bit seed per call comes from the 'dropout' RNG stream (as flax's nn.Dropout); the keep
+  decisions hash it with each entry's position, a few integer operations per entry instead of
+  threefry's rounds. The drop probability is quantized to multiples of 2^-23 and survivors are
+  scaled by the exact inverse keep probability, so E[output] = input.
   """
 
   rate: float
@@ -86,17 +85,5 @@ class Dropout(nn.Module):
       return x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
-    drop_threshold = min(int(round(self.rate * 65536)), 65535)
-    keep = random_halfwords(self.make_rng("dropout"), x.shape) >= jnp.uint16(drop_threshold)
-    scale = jnp.asarray(65536.0 / (65536 - drop_threshold), x.dtype)
-    return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
-
-
-def random_halfwords(rng: jax.Array, shape: Sequence[int]) -> jax.Array:
-  """Uniform uint16 of `shape`, two per 32-bit draw, laid out along the last axis only (leading
-  axes keep their sharding: no reshape crosses them)."""
-  *lead, last = shape if len(shape) else (1,)
-  words = jax.random.bits(rng, (*lead, (last + 1) // 2), jnp.uint32)
-  halves = jax.lax.bitcast_convert_type(words, jnp.uint16)  # [..., words, 2]
-  halves = halves.reshape(*lead, 2 * ((last + 1) // 2))[..., :last]
-  return halves.reshape(shape)
+    seed = jax.random.bits(self.make_rng("dropout"), (), jnp.uint32)
+    return hash_dropout.dropout(x, seed, self.rate)

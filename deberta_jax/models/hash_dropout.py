@@ -1,0 +1,84 @@
+"""Dropout masks from a counter hash: every dropout in the model, inside and outside the kernels.
+
+A keep decision is a pure function of (seed, stream, counter): one 32-bit seed per dropout site
+and step (drawn from flax's 'dropout' RNG), a stream per row (the flattened leading index, or
+batch * heads + head for attention probabilities) and a counter along the row. Why a hash and not
+`jax.random.bernoulli`: threefry spends about twenty rounds per 32 random bits, the hash a
+handful of integer operations, which made dropout a sixth of tiny's CPU step; the fused
+attention kernels must regenerate their mask in the backward pass from positions alone, which a
+hash allows and a stateful generator does not; and iotas over global positions give the same
+mask on every mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_DROPOUT_BITS = 23  # keep decisions compare 23 hash bits, so the threshold fits an int32
+
+
+def _mix32(x):
+  """A 32-bit integer finaliser (xorshift-multiply, "lowbias32"): each output bit depends on all
+  input bits, so consecutive counters give independent-looking words."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def dropout_threshold(rate: float) -> int:
+  """Entries whose 23-bit hash is below this are dropped (rate quantized to 2^-23)."""
+  return min(int(round(rate * (1 << _DROPOUT_BITS))), (1 << _DROPOUT_BITS) - 1)
+
+
+def keep_mask(seed, stream, rows, cols, length, rate: float):
+  """Boolean keep decisions at counter rows * length + cols of `stream` (all broadcast).
+
+  seed: uint32 scalar; stream: int32 (e.g. the global b * heads + h); length: the row length of
+  the counter (for attention the unpadded sequence length, so tile padding changes nothing).
+  """
+  stream = _mix32(seed ^ (jnp.asarray(stream).astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
+  counter = (rows * length + cols).astype(jnp.uint32)
+  bits = (_mix32(stream + counter) >> (32 - _DROPOUT_BITS)).astype(jnp.int32)
+  return bits >= dropout_threshold(rate)
+
+
+def keep_scale(rate: float) -> float:
+  """1 / the exact (quantized) keep probability."""
+  return float(1 << _DROPOUT_BITS) / float((1 << _DROPOUT_BITS) - dropout_threshold(rate))
+
+
+def _apply(x, keep, rate):
+  return jnp.where(keep, x * jnp.asarray(keep_scale(rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+def dropout(x: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout of any array: stream = the flattened index of the leading axes, counter =
+  the position along the last axis."""
+  if rate <= 0.0:
+    return x
+  shape = x.shape or (1,)
+  lead, last = shape[:-1], shape[-1]
+  row = jnp.zeros((1,) * len(shape), jnp.int32)
+  for axis, size in enumerate(lead):
+    row = row * size + jax.lax.broadcasted_iota(jnp.int32, lead + (1,), axis)
+  col = jax.lax.broadcasted_iota(jnp.int32, (1,) * len(lead) + (last,), len(lead))
+  keep = keep_mask(jnp.asarray(seed, jnp.uint32), row, 0, col, last, rate)
+  return _apply(x, keep.reshape(x.shape), rate)
+
+
+def drop_probabilities(probs: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout on [B, n, L, L] attention probabilities with the fused kernels' mask:
+  stream b * n + h, counter i * L + j, so `skew`, `gather` and `flash` are interchangeable
+  mid-run. Positions and heads are global iotas, so any mesh draws the single-device mask."""
+  if rate <= 0.0:
+    return probs
+  batch, heads, length, _ = probs.shape
+  batch_head = (jnp.arange(batch, dtype=jnp.int32)[:, None] * heads
+                + jnp.arange(heads, dtype=jnp.int32)[None, :])[:, :, None, None]
+  positions = jnp.arange(length, dtype=jnp.int32)
+  keep = keep_mask(jnp.asarray(seed, jnp.uint32), batch_head, positions[:, None],
+                   positions[None, :], length, rate)
+  return _apply(probs, keep, rate)
