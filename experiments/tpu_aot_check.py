@@ -12,8 +12,8 @@ sees the project's packages:
   /tmp/tpuv/bin/python experiments/tpu_aot_check.py attention              # kernel fwd+bwd
   /tmp/tpuv/bin/python experiments/tpu_aot_check.py step --impl flash      # base dry run
 
-`step` is the `dry_run` of configs/base.py (per-chip memory, micro-batch search) on the
-topology's compile-only devices instead of this host's.
+`step` is the `dry_run` of configs/base.py (or `--config large`: per-chip memory, micro-batch
+search) on the topology's compile-only devices instead of this host's.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main():
   parser.add_argument("what", choices=["attention", "step"])
   parser.add_argument("--topology", default="v5p:2x2x1")
   parser.add_argument("--impl", default="flash", help="step: model.attention_impl")
+  parser.add_argument("--config", default="base", help="step: a module of configs/")
   parser.add_argument("--per_chip", type=int, default=32, help="step: sequences per chip")
   parser.add_argument("--memory_gb", type=float, default=95.0, help="step: HBM per chip")
   args = parser.parse_args()
@@ -63,11 +64,11 @@ def main():
           f"{memory.temp_size_in_bytes / 2**30:.2f} GiB")
     return
 
-  from configs import base  # pylint: disable=import-outside-toplevel
+  import importlib  # pylint: disable=import-outside-toplevel
   from deberta_jax import sharding, train  # pylint: disable=import-outside-toplevel
   make_mesh = sharding.make_mesh
   sharding.make_mesh = lambda config, _=None: make_mesh(config, devices)
-  config = base.get_config()
+  config = importlib.import_module(f"configs.{args.config}").get_config()
   config.global_batch_size = args.per_chip * len(devices)
   config.model.attention_impl = args.impl
   config.mesh.device_memory_gb = args.memory_gb
