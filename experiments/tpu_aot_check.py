@@ -10,6 +10,7 @@ sees the project's packages:
   /tmp/tpuv/bin/pip install --no-deps "libtpu==0.0.42.*"        # the version jax[tpu] pins
   export JAX_PLATFORMS=cpu TPU_WORKER_HOSTNAMES=localhost TPU_ACCELERATOR_TYPE=v5p-8
   /tmp/tpuv/bin/python experiments/tpu_aot_check.py attention              # kernel fwd+bwd
+  /tmp/tpuv/bin/python experiments/tpu_aot_check.py stack --layers 6       # memory per layer
   /tmp/tpuv/bin/python experiments/tpu_aot_check.py step --impl flash      # base dry run
 
 `step` is the `dry_run` of configs/base.py (or `--config large`: per-chip memory, micro-batch
@@ -27,12 +28,15 @@ import time
 def main():
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("what", choices=["attention", "step"])
+  parser.add_argument("what", choices=["attention", "stack", "step"])
   parser.add_argument("--topology", default="v5p:2x2x1")
   parser.add_argument("--impl", default="flash", help="step: model.attention_impl")
   parser.add_argument("--config", default="base", help="step: a module of configs/")
   parser.add_argument("--per_chip", type=int, default=32, help="step: sequences per chip")
   parser.add_argument("--memory_gb", type=float, default=95.0, help="step: HBM per chip")
+  parser.add_argument("--layers", type=int, default=2, help="stack: fused layers in a row")
+  parser.add_argument("--batch", type=int, default=16, help="stack: sequences")
+  parser.add_argument("--heads", type=int, default=16, help="stack: heads (of size 64)")
   args = parser.parse_args()
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -62,6 +66,28 @@ def main():
     print(f"{args.topology}: fused attention fwd+bwd {batch}x{heads}x{length}x{head_dim} bf16 "
           f"compiled in {time.time() - start:.1f} s; temporaries "
           f"{memory.temp_size_in_bytes / 2**30:.2f} GiB")
+    return
+
+  if args.what == "stack":
+    # Temporaries of N fused layers in a row, fwd+bwd: what each layer keeps for its backward
+    # pass is the growth per layer (its tables, if XLA merged their recomputation).
+    from deberta_jax.models import flash_attention  # pylint: disable=import-outside-toplevel
+    one = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
+    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype, sharding=one)
+    length = 512
+
+    def stack(x, qr, kr, mask):
+      for _ in range(args.layers):
+        x = flash_attention.fused_attention(x, x * 0.5, x * 0.25, qr, kr, mask, backend="mosaic",
+                                            interpret=False)
+      return jnp.sum(x.astype(jnp.float32))
+
+    operands = (shape(args.batch, args.heads, length, 64), shape(2 * length - 1, args.heads, 64),
+                shape(2 * length - 1, args.heads, 64), shape(args.batch, length, dtype=jnp.int32))
+    memory = jax.jit(jax.grad(stack, argnums=(0, 1, 2))).lower(*operands).compile()
+    memory = memory.memory_analysis()
+    print(f"{args.layers} fused layers, {args.batch} x {args.heads} x {length} x 64 bf16: "
+          f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
     return
 
   import importlib  # pylint: disable=import-outside-toplevel
