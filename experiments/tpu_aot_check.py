@@ -46,10 +46,10 @@ def main():
   from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
 
   devices = list(topologies.get_topology_desc(args.topology, "tpu").devices)
+  from deberta_jax.models import flash_attention  # pylint: disable=import-outside-toplevel
+  one = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype, sharding=one)
   if args.what == "attention":
-    from deberta_jax.models import flash_attention  # pylint: disable=import-outside-toplevel
-    one = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
-    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype, sharding=one)
     batch, heads, length, head_dim = 2, 12, 512, 64
 
     def loss(q, k, v, qr, kr, mask, seed):
@@ -71,9 +71,6 @@ def main():
   if args.what == "stack":
     # Temporaries of N fused layers in a row, fwd+bwd: what each layer keeps for its backward
     # pass is the growth per layer (its tables, if XLA merged their recomputation).
-    from deberta_jax.models import flash_attention  # pylint: disable=import-outside-toplevel
-    one = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
-    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype, sharding=one)
     length = 512
 
     def stack(x, qr, kr, mask):
@@ -84,8 +81,8 @@ def main():
 
     operands = (shape(args.batch, args.heads, length, 64), shape(2 * length - 1, args.heads, 64),
                 shape(2 * length - 1, args.heads, 64), shape(args.batch, length, dtype=jnp.int32))
-    memory = jax.jit(jax.grad(stack, argnums=(0, 1, 2))).lower(*operands).compile()
-    memory = memory.memory_analysis()
+    compiled = jax.jit(jax.grad(stack, argnums=(0, 1, 2))).lower(*operands).compile()
+    memory = compiled.memory_analysis()
     print(f"{args.layers} fused layers, {args.batch} x {args.heads} x {length} x 64 bf16: "
           f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
     return

@@ -197,7 +197,6 @@ def backward(seed, q, k, v, c2p, p2c, mask, lse, d_out, delta, *, rate, tile, in
 
 def _dense_attention(q, k, v, c2p, p2c, *, seed, mask, rate):
   """The forward kernel's function with [B, n, L, L] tensors (tables in the kernels' layout)."""
-  batch, heads = q.shape[:2]
   shift = lambda table: relative_position.relative_shift(table[..., :-1].astype(jnp.float32))
   scores = (jnp.einsum("bnid,bnjd->bnij", q, k, preferred_element_type=jnp.float32)
             + shift(c2p) + jnp.swapaxes(shift(p2c), -1, -2))
@@ -205,14 +204,7 @@ def _dense_attention(q, k, v, c2p, p2c, *, seed, mask, rate):
   pair = valid[:, None, :, None] & valid[:, None, None, :]
   probs = jax.nn.softmax(jnp.where(pair, scores, common.NEG), axis=-1)
   probs = jnp.where(pair, probs, 0.0)
-  if rate > 0.0:
-    length = q.shape[2]
-    positions = jnp.arange(length, dtype=jnp.int32)
-    streams = ((seed[1] + jnp.arange(batch, dtype=jnp.int32))[:, None] * seed[3]
-               + seed[2] + jnp.arange(heads, dtype=jnp.int32)[None, :])
-    keep = jax.vmap(jax.vmap(lambda stream: hash_dropout.keep_mask(
-        seed[0].astype(jnp.uint32), stream, positions[:, None], positions[None, :], seed[4],
-        rate)))(streams)
-    probs = jnp.where(keep, probs * hash_dropout.keep_scale(rate), 0.0)
+  probs = hash_dropout.drop_probabilities(probs, seed[0], rate, first_batch=seed[1],
+                                         first_head=seed[2], total_heads=seed[3], length=seed[4])
   return jnp.einsum("bnij,bnjd->bnid", probs.astype(v.dtype), v,
                     preferred_element_type=jnp.float32).astype(q.dtype)

@@ -70,16 +70,20 @@ def dropout(x: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
   return _apply(x, keep.reshape(x.shape), rate)
 
 
-def drop_probabilities(probs: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
+def drop_probabilities(probs: jax.Array, seed: jax.Array, rate: float, *, first_batch=0,
+                       first_head=0, total_heads=None, length=None) -> jax.Array:
   """Inverted dropout on [B, n, L, L] attention probabilities with the fused kernels' mask:
-  stream b * n + h, counter i * L + j, so `skew`, `gather` and `flash` are interchangeable
-  mid-run. Positions and heads are global iotas, so any mesh draws the single-device mask."""
+  stream b * heads + h, counter i * length + j, so `skew`, `gather` and `flash` are
+  interchangeable mid-run. Positions and heads are global iotas, so any mesh draws the
+  single-device mask; first_batch / first_head / total_heads place a shard's block in the global
+  stream and `length` (default L) is the unpadded length the kernels count with."""
   if rate <= 0.0:
     return probs
-  batch, heads, length, _ = probs.shape
-  batch_head = (jnp.arange(batch, dtype=jnp.int32)[:, None] * heads
-                + jnp.arange(heads, dtype=jnp.int32)[None, :])[:, :, None, None]
-  positions = jnp.arange(length, dtype=jnp.int32)
+  batch, heads, size, _ = probs.shape
+  total_heads = heads if total_heads is None else total_heads
+  batch_head = ((first_batch + jnp.arange(batch, dtype=jnp.int32))[:, None] * total_heads
+                + first_head + jnp.arange(heads, dtype=jnp.int32)[None, :])[:, :, None, None]
+  positions = jnp.arange(size, dtype=jnp.int32)
   keep = keep_mask(jnp.asarray(seed, jnp.uint32), batch_head, positions[:, None],
-                   positions[None, :], length, rate)
+                   positions[None, :], size if length is None else length, rate)
   return _apply(probs, keep, rate)
