@@ -34,6 +34,8 @@ def main():
   parser.add_argument("--config", default="base", help="step: a module of configs/")
   parser.add_argument("--per_chip", type=int, default=32, help="step: sequences per chip")
   parser.add_argument("--memory_gb", type=float, default=95.0, help="step: HBM per chip")
+  parser.add_argument("--microbatch", type=int, default=0,
+                      help="step: sequences per micro-batch (0: search, as the dry run does)")
   parser.add_argument("--layers", type=int, default=2, help="stack: fused layers in a row")
   parser.add_argument("--batch", type=int, default=16, help="stack: sequences")
   parser.add_argument("--heads", type=int, default=16, help="stack: heads (of size 64)")
@@ -95,6 +97,7 @@ def main():
   config.global_batch_size = args.per_chip * len(devices)
   config.model.attention_impl = args.impl
   config.mesh.device_memory_gb = args.memory_gb
+  config.mesh.per_device_microbatch = args.microbatch
   config.dry_run = True
   train.dry_run(config)
 

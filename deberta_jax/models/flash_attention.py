@@ -18,8 +18,8 @@ so the per-distance products are plain batched matmuls computed by XLA outside t
   p2c[b, n, j, t] = k_j . qr(distance t - (L-1))   term of (i, j) at t = (L-1) + i - j
 
 and a tile reads its terms from them: the GPU kernels (flash_kernels_gpu.py) with computed-index
-loads, the TPU kernel (flash_kernels_tpu.py: forward only, the backward is XLA's there) with a
-strided lane rotation of a [T, 2T] window.
+loads, the TPU kernels (flash_kernels_tpu.py) with a strided lane rotation of a [T, 2T]
+window.
 The c2p table is stored with its distance axis reversed so that, in both tables, the entries a
 tile needs run contiguously along one tile axis (along keys for c2p, along queries for p2c). In
 the backward pass each table entry receives the score gradient of exactly one (i, j) pair, so the
@@ -53,7 +53,7 @@ from deberta_jax.models import flash_kernels_tpu
 from deberta_jax.models.hash_dropout import keep_mask, keep_scale
 
 __all__ = ["block_size", "default_backend", "fused_attention", "keep_mask", "keep_scale",
-           "reference_attention", "relative_tables"]
+           "reference_attention", "relative_tables", "target_platform"]
 
 _KERNELS = {"triton": flash_kernels_gpu, "mosaic": flash_kernels_tpu}
 
@@ -111,8 +111,10 @@ def _fused_bwd(rate, tile, backend, interpret, residuals, d_out):
   # The barrier ties the recomputation to this layer's incoming gradient. Without it XLA is free
   # to merge it with the forward's identical matmuls (CSE), which keeps every layer's tables
   # alive from the forward to the backward pass: the memory the recomputation is meant to save
-  # (libtpu, base step, 32 sequences per chip: 18.5 GiB without, 11.9 GiB with).
-  q, k, qr, kr, d_out = jax.lax.optimization_barrier((q, k, qr, kr, d_out))
+  # (libtpu, base step, 32 sequences per chip: 15.45 GiB without, 9.79 GiB with). The
+  # log-sum-exp goes through it too: the TPU kernels read it broadcast over 128 lanes, and XLA
+  # otherwise hoisted those broadcasts into the forward pass, 100 MiB per layer at base.
+  q, k, qr, kr, lse, d_out = jax.lax.optimization_barrier((q, k, qr, kr, lse, d_out))
   (c2p, p2c), tables_vjp = jax.vjp(relative_tables, q, k, qr, kr)
   # Pad query rows were zeroed in the forward pass, so nothing flows back through them.
   d_out = jnp.where(mask[:, None, :, None] > 0, d_out, 0).astype(q.dtype)
@@ -133,9 +135,21 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # Public entry point
 
 
+def target_platform() -> str:
+  """The platform the traced computation is compiled for: that of the mesh in context
+  (jax.set_mesh), else the default backend.
+
+  The two differ when a step is compiled for devices this process does not run on (the
+  compile-only devices of jax.experimental.topologies): following the default backend there
+  would put the CPU interpreter's version of the kernels into a TPU program.
+  """
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return getattr(device, "platform", None) or jax.default_backend()
+
+
 def default_backend() -> str:
   """'mosaic' on TPU, else 'triton' (GPU, and CPU through the interpreter)."""
-  return "mosaic" if jax.default_backend() == "tpu" else "triton"
+  return "mosaic" if target_platform() == "tpu" else "triton"
 
 
 def fused_attention(q, k, v, qr_by_distance, kr_by_distance, token_mask, *,
@@ -147,9 +161,10 @@ def fused_attention(q, k, v, qr_by_distance, kr_by_distance, token_mask, *,
   q (pre-scaled), k, v: [B, n, L, d]; qr_by_distance (pre-scaled), kr_by_distance: [2L-1, n, d],
   row t = distance t - (L-1); token_mask: [B, L] (pair mask m_i m_j, as `masked_softmax`).
   dropout_seed: uint32 scalar, required when dropout_rate > 0. Sequences are padded to a
-  multiple of the tile (padding is masked). backend: 'triton' | 'mosaic' (default: the device's).
-  interpret: run the kernels in Pallas' interpreter (default: on CPU). stream_offset (first
-  batch row, first head) and total_heads place a shard in the global dropout stream.
+  multiple of the tile (padding is masked). backend: 'triton' | 'mosaic' (default: the target
+  platform's, `target_platform`). interpret: run the kernels in Pallas' interpreter (default:
+  when compiling for CPU). stream_offset (first batch row, first head) and total_heads place a
+  shard in the global dropout stream.
   """
   batch, heads, length, head_dim = q.shape
   if dropout_rate > 0.0 and dropout_seed is None:
@@ -158,7 +173,7 @@ def fused_attention(q, k, v, qr_by_distance, kr_by_distance, token_mask, *,
   if backend not in _KERNELS:
     raise ValueError(f"fused_attention: backend {backend!r} is not one of {sorted(_KERNELS)}")
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+    interpret = target_platform() == "cpu"
   if backend == "triton" and not interpret and not _power_of_two_at_least_16(head_dim):
     raise ValueError(f"fused_attention: the Triton kernels need a power-of-two head size >= 16, "
                      f"not {head_dim}")

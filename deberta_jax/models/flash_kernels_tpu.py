@@ -15,12 +15,15 @@ The two halves of a window are two aligned [T, T] blocks of the table, fetched b
 like any other input. The grid is (batch, head, query block, key block) with the last axis
 sequential ("arbitrary"), as in jax's own Pallas TPU flash attention. Tiles are at least 128.
 
-Only the forward pass is a kernel. The backward pass needs the inverse rotation (row a left by
-a lanes), which Mosaic does not compile (a deviceless libtpu compile refused stride 2T-1: its
-strided rotations must keep the per-row shifts within one vreg), so `backward` recomputes the
-layer densely in XLA. Verified on CPU in the Pallas interpreter, and compiled whole (forward
-kernel and XLA backward) by libtpu for a v5p target without a TPU
-(experiments/tpu_aot_check.py); not yet run on a TPU.
+The backward pass is two kernels, as on GPU (dQ and the c2p gradient per query block; dK, dV
+and the p2c gradient per key block). A tile's table gradient is the adjoint of the relative
+shift: row a rotated *left* by a lanes, which Mosaic refuses (a deviceless libtpu compile
+rejected stride 2T-1: its strided rotations must keep the per-row shifts within one vreg).
+Reversing the tile's columns first, by a matmul with the anti-identity, turns it into the
+forward's rotation (row a right by a); the gradient then comes out with its distance axis
+reversed, and one XLA reverse per table puts it back. Each row strip of a table gradient stays
+in VMEM until its last tile is added. Verified on CPU in the Pallas interpreter and compiled by
+libtpu for a v5p target without a TPU (experiments/tpu_aot_check.py); not yet run on a TPU.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from jax.experimental.pallas import tpu as pltpu
 
 from deberta_jax.models import flash_common as common
 from deberta_jax.models import hash_dropout
-from deberta_jax.models import relative_position
 
 _LANES = 128  # per-row statistics are kept replicated over one vreg row of lanes
 
@@ -77,6 +79,65 @@ def _positions(tile, row_block, col_block):
   return row_block * tile + row, col_block * tile + col
 
 
+def _scores(q_ref, k_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, key_mask_ref, tile):
+  """The [T, T] score tile: c2c plus both relative terms, masked keys at NEG."""
+  s = (_dot_nt(q_ref[...], k_ref[...]) + _unskew(_window(c2p_lo, c2p_hi), tile)
+       + _unskew(_window(p2c_lo, p2c_hi), tile).T)
+  return jnp.where(key_mask_ref[...] > 0, s, common.NEG)
+
+
+def _reversal(tile):
+  """The [T, T] anti-identity: x @ J reverses the columns of x (Mosaic lowers no lax.rev)."""
+  row = jax.lax.broadcasted_iota(jnp.int32, (tile, tile), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (tile, tile), 1)
+  return (row + col == tile - 1).astype(jnp.float32)
+
+
+def _skew_gradient(grad, tile):
+  """[T, T] tile gradient -> [T, 2T] window with window[a, a + b] = grad[a, T-1-b].
+
+  The adjoint of `_unskew` would rotate row a left by a lanes, which Mosaic refuses. Reversing
+  the tile's columns first (an exact permutation matmul) turns it into row a right by a, the
+  rotation the forward pass uses; the kernels then write the gradient in a table layout whose
+  distance axis runs the other way (`backward` reverses it back in XLA).
+  """
+  flipped = jax.lax.dot_general(grad, _reversal(tile), (((1,), (0,)), ((), ())),
+                                precision=jax.lax.Precision.HIGHEST,
+                                preferred_element_type=jnp.float32)
+  padded = jnp.concatenate([flipped, jnp.zeros_like(flipped)], axis=1)
+  return pltpu.roll(padded, 0, 1, stride=1, stride_axis=0)
+
+
+def _accumulate(strip_ref, window, first_block, tile):
+  """Adds a [T, 2T] window to the row strip kept as [2L / T, T, T] blocks, at block
+  `first_block` (block-aligned, so the dynamic index is on the leading axis)."""
+  strip_ref[first_block] = strip_ref[first_block] + window[:, :tile]
+  strip_ref[first_block + 1] = strip_ref[first_block + 1] + window[:, tile:]
+
+
+def _write_strip(strip_ref, out_ref):
+  tile = strip_ref.shape[-1]
+  for block in range(strip_ref.shape[0]):
+    out_ref[:, block * tile:(block + 1) * tile] = strip_ref[block].astype(out_ref.dtype)
+
+
+def _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi,
+                             key_mask_ref, do_ref, lse_ref, delta_ref, i, j, tile, rate):
+  """(dropped-out probabilities, score gradient) of tile (query block i, key block j),
+  recomputed from the log-sum-exp; delta = rowsum(out * d_out) as in FlashAttention-2."""
+  s = _scores(q_ref, k_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, key_mask_ref, tile)
+  p = jnp.where(key_mask_ref[...] > 0, jnp.exp(s - lse_ref[...][:, :1]), 0.0)
+  dp = _dot_nt(do_ref[...], v_ref[...])
+  kept = p
+  if rate > 0.0:
+    seed, stream, length = _stream(seed_ref)
+    rows, cols = _positions(tile, i, j)
+    keep = hash_dropout.keep_mask(seed, stream, rows, cols, length, rate)
+    kept = jnp.where(keep, p * hash_dropout.keep_scale(rate), 0.0)
+    dp = jnp.where(keep, dp * hash_dropout.keep_scale(rate), 0.0)
+  return kept, p * (dp - delta_ref[...][:, :1])
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 
@@ -92,9 +153,7 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_h
     l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
-  s = (_dot_nt(q_ref[...], k_ref[...]) + _unskew(_window(c2p_lo, c2p_hi), tile)
-       + _unskew(_window(p2c_lo, p2c_hi), tile).T)
-  s = jnp.where(key_mask_ref[...] > 0, s, common.NEG)
+  s = _scores(q_ref, k_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, key_mask_ref, tile)
   m_prev, l_prev = m_scratch[...][:, :1], l_scratch[...][:, :1]
   m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
   correction = jnp.exp(m_prev - m_next)
@@ -116,6 +175,59 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_h
     lse_ref[...] = jnp.broadcast_to(m_next + jnp.log(l_next), lse_ref.shape)
 
 
+def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, key_mask_ref,
+               do_ref, lse_ref, delta_ref, dq_ref, dc2p_ref, dq_scratch, strip_scratch, *, tile,
+               rate):
+  """Query block i over key blocks j: dQ, and rows i of the c2p table's gradient (distance
+  order), whose entry (a, (L-1) + i - j) takes the score gradient of exactly one pair."""
+  i, j = pl.program_id(2), pl.program_id(3)
+  blocks = pl.num_programs(3)
+
+  @pl.when(j == 0)
+  def _():
+    dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
+    strip_scratch[...] = jnp.zeros(strip_scratch.shape, jnp.float32)
+
+  _, ds = _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi,
+                                   key_mask_ref, do_ref, lse_ref, delta_ref, i, j, tile, rate)
+  dq_scratch[...] += _dot(ds.astype(k_ref.dtype), k_ref[...])
+  _accumulate(strip_scratch, _skew_gradient(ds, tile), blocks - 1 + i - j, tile)
+
+  @pl.when(j == blocks - 1)
+  def _():
+    dq_ref[...] = dq_scratch[...].astype(dq_ref.dtype)
+    _write_strip(strip_scratch, dc2p_ref)
+
+
+def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, key_mask_ref,
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dp2c_ref, dk_scratch, dv_scratch,
+                strip_scratch, *, tile, rate):
+  """Key block j over query blocks i: dK, dV, and rows j of the p2c table's gradient (reversed
+  distance order)."""
+  j, i = pl.program_id(2), pl.program_id(3)
+  blocks = pl.num_programs(3)
+
+  @pl.when(i == 0)
+  def _():
+    dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
+    dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
+    strip_scratch[...] = jnp.zeros(strip_scratch.shape, jnp.float32)
+
+  kept, ds = _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo,
+                                      p2c_hi, key_mask_ref, do_ref, lse_ref, delta_ref, i, j,
+                                      tile, rate)
+  ds_t = ds.T
+  dv_scratch[...] += _dot(kept.T.astype(do_ref.dtype), do_ref[...])
+  dk_scratch[...] += _dot(ds_t.astype(q_ref.dtype), q_ref[...])
+  _accumulate(strip_scratch, _skew_gradient(ds_t, tile), blocks - 1 - i + j, tile)
+
+  @pl.when(i == blocks - 1)
+  def _():
+    dk_ref[...] = dk_scratch[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
+    _write_strip(strip_scratch, dp2c_ref)
+
+
 # ----------------------------------------------------------------------------------------------
 # pallas_call wrappers (the custom VJP lives in flash_attention.py)
 
@@ -126,17 +238,25 @@ def _row_block(tile, head_dim, axis):
                       lambda b, h, x, y: (b, h, (x, y)[axis - 2], 0))
 
 
-def _window_halves(tile, blocks, table):
-  """The two [T, T] blocks of a table window. table 'c2p': rows = query block, columns start at
-  block nb-1-i+j; 'p2c': rows = key block, columns start at nb-1+i-j."""
-  def index(half):
-    def fn(b, h, i, j):
-      if table == "c2p":
-        return b, h, i, blocks - 1 - i + j + half
-      return b, h, j, blocks - 1 + i - j + half
-    return fn
-  return [pl.BlockSpec((None, None, tile, tile), index(0)),
-          pl.BlockSpec((None, None, tile, tile), index(1))]
+def _window_index(blocks, table, half, query_axis):
+  """Index map of one [T, T] half of a table window for tile (query block i, key block j), the
+  query block on grid axis `query_axis`. 'c2p': rows = query block, columns start at block
+  nb-1-i+j; 'p2c': rows = key block, columns start at nb-1+i-j."""
+  def index(b, h, x, y):
+    i, j = (x, y) if query_axis == 2 else (y, x)
+    if table == "c2p":
+      return b, h, i, blocks - 1 - i + j + half
+    return b, h, j, blocks - 1 + i - j + half
+  return index
+
+
+def _window_halves(tile, blocks, table, query_axis=2):
+  return [pl.BlockSpec((None, None, tile, tile), _window_index(blocks, table, half, query_axis))
+          for half in (0, 1)]
+
+
+def _key_mask_index(key_axis):
+  return lambda b, h, x, y: (b, 0, (x, y)[key_axis - 2])
 
 
 def _stat_column(tile, axis):
@@ -164,7 +284,7 @@ def forward(seed, q, k, v, c2p, p2c, mask, *, rate, tile, interpret):
                 _row_block(tile, head_dim, 3),
                 *_window_halves(tile, blocks, "c2p"),
                 *_window_halves(tile, blocks, "p2c"),
-                pl.BlockSpec((None, 1, tile), lambda b, h, i, j: (b, 0, j)),
+                pl.BlockSpec((None, 1, tile), _key_mask_index(3)),
                 pl.BlockSpec((None, tile, _LANES), lambda b, h, i, j: (b, i, 0))],
       out_specs=[_row_block(tile, head_dim, 2), _stat_column(tile, 2)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -180,31 +300,62 @@ def forward(seed, q, k, v, c2p, p2c, mask, *, rate, tile, interpret):
 
 
 def backward(seed, q, k, v, c2p, p2c, mask, lse, d_out, delta, *, rate, tile, interpret):
-  """(dq, dk, dv, d c2p table, d p2c table) by XLA: the dense attention of one layer, recomputed.
+  """(dq, dk, dv, d c2p table, d p2c table); d_out already zero on pad query rows.
 
-  The gradient of the relative shift is the opposite rotation (row a left by a lanes), which
-  Mosaic does not lower (it rotates with non-negative strides whose per-row shifts stay within
-  one vreg). So the backward pass recomputes this layer's attention densely, with the same
-  tables and the same dropout hash, and lets XLA differentiate it: [B, n, L, L] tensors exist
-  for one layer at a time, in the backward pass only, while the forward pass still saves only
-  q, k, v, the context and the log-sum-exp.
+  Two kernels recompute the score tiles from the log-sum-exp, as on GPU: one per query block
+  accumulates dQ and its rows of the c2p table's gradient over the key blocks, one per key block
+  accumulates dK, dV and its rows of the p2c table's gradient over the query blocks. A row strip
+  of a table gradient lives in VMEM until its last tile is added, so nothing is written twice.
   """
-  del lse, delta, tile, interpret
-  dense = functools.partial(_dense_attention, seed=seed, mask=mask, rate=rate)
-  _, pullback = jax.vjp(dense, q, k, v, c2p, p2c)
-  return pullback(d_out)
+  batch, heads, length, head_dim = q.shape
+  blocks = length // tile
+  width = c2p.shape[-1]
+  key_mask = mask[:, None, :]
+  column = lambda x: jnp.broadcast_to(x[..., None], x.shape + (_LANES,))
+  operands = (seed, q, k, v, c2p, c2p, p2c, p2c, key_mask, d_out, column(lse), column(delta))
+
+  def in_specs(query_axis, key_axis):
+    row = lambda axis: _row_block(tile, head_dim, axis)
+    stat = _stat_column(tile, query_axis)
+    return [_smem(), row(query_axis), row(key_axis), row(key_axis),
+            *_window_halves(tile, blocks, "c2p", query_axis),
+            *_window_halves(tile, blocks, "p2c", query_axis),
+            pl.BlockSpec((None, 1, tile), _key_mask_index(key_axis)), row(query_axis), stat, stat]
+
+  strip = lambda axis: pl.BlockSpec((None, None, tile, width),
+                                    lambda b, h, x, y: (b, h, (x, y)[axis - 2], 0))
+  strip_scratch = pltpu.VMEM((width // tile, tile, tile), jnp.float32)
+  dq, dc2p = pl.pallas_call(
+      functools.partial(_dq_kernel, tile=tile, rate=rate),
+      grid=(batch, heads, blocks, blocks),
+      in_specs=in_specs(2, 3),
+      out_specs=[_row_block(tile, head_dim, 2), strip(2)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(c2p.shape, c2p.dtype)],
+      scratch_shapes=[pltpu.VMEM((tile, head_dim), jnp.float32), strip_scratch],
+      compiler_params=_params(),
+      interpret=interpret,
+      name="disentangled_attention_dq_tpu",
+  )(*operands)
+  dk, dv, dp2c = pl.pallas_call(
+      functools.partial(_dkv_kernel, tile=tile, rate=rate),
+      grid=(batch, heads, blocks, blocks),
+      in_specs=in_specs(3, 2),
+      out_specs=[_row_block(tile, head_dim, 2), _row_block(tile, head_dim, 2), strip(2)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct(p2c.shape, p2c.dtype)],
+      scratch_shapes=[pltpu.VMEM((tile, head_dim), jnp.float32),
+                      pltpu.VMEM((tile, head_dim), jnp.float32), strip_scratch],
+      compiler_params=_params(),
+      interpret=interpret,
+      name="disentangled_attention_dkv_tpu",
+  )(*operands)
+  # The kernels wrote each gradient with its distance axis in the opposite order to its table's
+  # (c2p in distance order, p2c reversed: the layouts that need only non-negative strides);
+  # reversing the 2L-1 real columns puts them back, the padding column stays zero.
+  return dq, dk, dv, _reverse_distances(dc2p), _reverse_distances(dp2c)
 
 
-def _dense_attention(q, k, v, c2p, p2c, *, seed, mask, rate):
-  """The forward kernel's function with [B, n, L, L] tensors (tables in the kernels' layout)."""
-  shift = lambda table: relative_position.relative_shift(table[..., :-1].astype(jnp.float32))
-  scores = (jnp.einsum("bnid,bnjd->bnij", q, k, preferred_element_type=jnp.float32)
-            + shift(c2p) + jnp.swapaxes(shift(p2c), -1, -2))
-  valid = mask > 0
-  pair = valid[:, None, :, None] & valid[:, None, None, :]
-  probs = jax.nn.softmax(jnp.where(pair, scores, common.NEG), axis=-1)
-  probs = jnp.where(pair, probs, 0.0)
-  probs = hash_dropout.drop_probabilities(probs, seed[0], rate, first_batch=seed[1],
-                                         first_head=seed[2], total_heads=seed[3], length=seed[4])
-  return jnp.einsum("bnij,bnjd->bnid", probs.astype(v.dtype), v,
-                    preferred_element_type=jnp.float32).astype(q.dtype)
+def _reverse_distances(table):
+  """Column u <-> column 2L-2-u of a [..., 2L] table whose last column is padding."""
+  return jnp.roll(jnp.flip(table, axis=-1), -1, axis=-1)

@@ -68,7 +68,7 @@ def relative_shift(y: jax.Array) -> jax.Array:
   """out[a, b] = y[a, b + (L-1) - a] for y [..., L, 2L-1]: pad one column, flatten, re-cut.
 
   Turns per-distance products (row a, one column per distance) into the [L, L] pair layout
-  without a gather: the skew attention form and the TPU kernels' XLA backward use it.
+  without a gather: the skew attention form uses it.
   """
   *lead, length, width = y.shape
   padded = jnp.pad(y, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])
