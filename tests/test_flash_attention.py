@@ -96,6 +96,24 @@ def test_multiple_tiles_per_row_in_bfloat16(backend):
   assert rel < 1e-2, rel
 
 
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_bfloat16_gradients_with_16_bit_table_gradients(backend):
+  """bf16 operands, 4 x 4 tiles: the gradients of q, k, v and both relative tables against the
+  float32 reference. The table gradients are rounded to bf16 tile by tile (the TPU kernels round
+  before their permutation matmul, which is then exact in one bf16 pass)."""
+  args, mask = _inputs(batch=1, heads=2, length=64, head_dim=32, dtype=jnp.bfloat16)
+  weights = jax.random.normal(jax.random.key(3), args[0].shape)
+  ours = jax.grad(_weighted_sum(fa.fused_attention, mask, weights, block=16, backend=backend,
+                                interpret=not _native(backend)), argnums=range(5))(*args)
+  ref = jax.grad(_weighted_sum(fa.reference_attention, mask, weights),
+                 argnums=range(5))(*[a.astype(jnp.float32) for a in args])
+  for name, g, r in zip(("q", "k", "v", "qr", "kr"), ours, ref):
+    chex.assert_type(g, jnp.bfloat16)
+    g, r = np.asarray(g, np.float32), np.asarray(r)
+    rel = np.linalg.norm(g - r) / np.linalg.norm(r)
+    assert rel < 2e-2, (name, rel)
+
+
 def test_dropout_mask_rate_and_streams():
   """The hash keeps 1 - rate of the entries, and differs by seed, batch row and head."""
   rows = jnp.arange(256, dtype=jnp.int32)[:, None]

@@ -53,7 +53,7 @@ from deberta_jax.models import flash_kernels_tpu
 from deberta_jax.models.hash_dropout import keep_mask, keep_scale
 
 __all__ = ["block_size", "default_backend", "fused_attention", "keep_mask", "keep_scale",
-           "reference_attention", "relative_tables", "target_platform"]
+           "reference_attention", "relative_tables", "relative_tables_vjp", "target_platform"]
 
 _KERNELS = {"triton": flash_kernels_gpu, "mosaic": flash_kernels_tpu}
 
@@ -70,26 +70,61 @@ def block_size(length: int, preferred: int = 64) -> int:
   return size
 
 
-def relative_tables(q, k, qr_by_distance, kr_by_distance):
+def _distance_rows(rel, reverse):
+  """[2L-1, n, d] by distance -> [n, 2L, d]: optionally reversed, one zero padding row last."""
+  rel = jnp.flip(rel, axis=0) if reverse else rel
+  return jnp.swapaxes(jnp.pad(rel, ((0, 1), (0, 0), (0, 0))), 0, 1)
+
+
+def _distance_rows_cotangent(rows, reverse):
+  """The adjoint of `_distance_rows`: [n, 2L, d] -> [2L-1, n, d]."""
+  rel = jnp.swapaxes(rows, 0, 1)[:-1]
+  return jnp.flip(rel, axis=0) if reverse else rel
+
+
+def _per_sequence(rows, batch):
+  """[n, R, d] -> [B, n, R, d], laid out like q and k (a broadcast): batched matmuls over
+  (batch, head) whose results need no transpose."""
+  return jnp.broadcast_to(rows[None], (batch,) + rows.shape)
+
+
+def relative_tables(q, k, qr_by_distance, kr_by_distance, *, c2p_reversed=True,
+                    p2c_reversed=False):
   """The per-distance products the kernels read: (c2p reversed, p2c), each [B, n, L, 2L].
 
   q, k: [B, n, L, d]; row t of *_by_distance [2L-1, n, d] holds distance t - (L-1). The last
   column is zero padding (a power-of-two row length keeps rows aligned). Plain batched matmuls
-  with float32 accumulation, stored in the compute dtype.
+  with float32 accumulation, stored in the compute dtype. The flags give the other distance
+  orders, the layouts in which a kernel set may write the tables' gradients.
   """
   batch = q.shape[0]
-
-  def per_sequence(rel):  # [R, n, d] -> [B, n, R, d], laid out like q and k (a broadcast)
-    rel = jnp.swapaxes(rel, 0, 1)
-    return jnp.broadcast_to(rel[None], (batch,) + rel.shape)
-
-  kr_reversed = jnp.pad(jnp.flip(kr_by_distance, axis=0), ((0, 1), (0, 0), (0, 0)))
-  qr = jnp.pad(qr_by_distance, ((0, 1), (0, 0), (0, 0)))
-  c2p = jnp.einsum("bnid,bnud->bniu", q, per_sequence(kr_reversed),
+  kr_rows = _per_sequence(_distance_rows(kr_by_distance, c2p_reversed), batch)
+  qr_rows = _per_sequence(_distance_rows(qr_by_distance, p2c_reversed), batch)
+  c2p = jnp.einsum("bnid,bnud->bniu", q, kr_rows,
                    preferred_element_type=jnp.float32).astype(q.dtype)
-  p2c = jnp.einsum("bnjd,bntd->bnjt", k, per_sequence(qr),
+  p2c = jnp.einsum("bnjd,bntd->bnjt", k, qr_rows,
                    preferred_element_type=jnp.float32).astype(q.dtype)
   return c2p, p2c
+
+
+def relative_tables_vjp(q, k, qr_by_distance, kr_by_distance, d_c2p, d_p2c, *,
+                        c2p_reversed=True, p2c_reversed=False):
+  """(dq, dk) in float32 and (dqr, dkr) from table gradients laid out as `relative_tables`
+  with the same flags: four batched matmuls, and no reversal of a [B, n, L, 2L] gradient
+  when a kernel set writes it in the other distance order."""
+  batch = q.shape[0]
+  f32 = jnp.float32
+  kr_rows = _distance_rows(kr_by_distance, c2p_reversed)
+  qr_rows = _distance_rows(qr_by_distance, p2c_reversed)
+  dq = jnp.einsum("bniu,bnud->bnid", d_c2p, _per_sequence(kr_rows, batch),
+                  preferred_element_type=f32)
+  dk = jnp.einsum("bnjt,bntd->bnjd", d_p2c, _per_sequence(qr_rows, batch),
+                  preferred_element_type=f32)
+  dkr_rows = jnp.einsum("bniu,bnid->nud", d_c2p, q, preferred_element_type=f32)
+  dqr_rows = jnp.einsum("bnjt,bnjd->ntd", d_p2c, k, preferred_element_type=f32)
+  dqr = _distance_rows_cotangent(dqr_rows, p2c_reversed).astype(qr_by_distance.dtype)
+  dkr = _distance_rows_cotangent(dkr_rows, c2p_reversed).astype(kr_by_distance.dtype)
+  return dq, dk, dqr, dkr
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -115,16 +150,18 @@ def _fused_bwd(rate, tile, backend, interpret, residuals, d_out):
   # log-sum-exp goes through it too: the TPU kernels read it broadcast over 128 lanes, and XLA
   # otherwise hoisted those broadcasts into the forward pass, 100 MiB per layer at base.
   q, k, qr, kr, lse, d_out = jax.lax.optimization_barrier((q, k, qr, kr, lse, d_out))
-  (c2p, p2c), tables_vjp = jax.vjp(relative_tables, q, k, qr, kr)
+  c2p, p2c = relative_tables(q, k, qr, kr)
   # Pad query rows were zeroed in the forward pass, so nothing flows back through them.
   d_out = jnp.where(mask[:, None, :, None] > 0, d_out, 0).astype(q.dtype)
   delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
-  dq, dk, dv, dc2p, dp2c = _KERNELS[backend].backward(
+  kernels = _KERNELS[backend]
+  dq, dk, dv, dc2p, dp2c = kernels.backward(
       seed, q, k, v, c2p, p2c, mask, lse, d_out, delta, rate=rate, tile=tile,
       interpret=interpret)
-  dq_rel, dk_rel, dqr, dkr = tables_vjp((dc2p, dp2c))
-  dq = (dq.astype(jnp.float32) + dq_rel.astype(jnp.float32)).astype(q.dtype)
-  dk = (dk.astype(jnp.float32) + dk_rel.astype(jnp.float32)).astype(k.dtype)
+  dq_rel, dk_rel, dqr, dkr = relative_tables_vjp(q, k, qr, kr, dc2p, dp2c,
+                                                 **kernels.GRADIENT_LAYOUT)
+  dq = (dq.astype(jnp.float32) + dq_rel).astype(q.dtype)
+  dk = (dk.astype(jnp.float32) + dk_rel).astype(k.dtype)
   return None, dq, dk, dv, dqr, dkr, None
 
 

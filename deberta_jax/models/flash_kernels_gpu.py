@@ -23,6 +23,10 @@ from deberta_jax.models.hash_dropout import keep_mask, keep_scale
 # Tile helpers
 
 
+# The backward kernels write the table gradients in the tables' own layouts.
+GRADIENT_LAYOUT = {"c2p_reversed": True, "p2c_reversed": False}
+
+
 def _tile_indices(q_start, k_start, block_q, block_k):
   rows = q_start + jnp.arange(block_q, dtype=jnp.int32)
   cols = k_start + jnp.arange(block_k, dtype=jnp.int32)

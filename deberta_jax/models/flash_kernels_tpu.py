@@ -21,9 +21,10 @@ shift: row a rotated *left* by a lanes, which Mosaic refuses (a deviceless libtp
 rejected stride 2T-1: its strided rotations must keep the per-row shifts within one vreg).
 Reversing the tile's columns first, by a matmul with the anti-identity, turns it into the
 forward's rotation (row a right by a); the gradient then comes out with its distance axis
-reversed, and one XLA reverse per table puts it back. Each row strip of a table gradient stays
-in VMEM until its last tile is added. Verified on CPU in the Pallas interpreter and compiled by
-libtpu for a v5p target without a TPU (experiments/tpu_aot_check.py); not yet run on a TPU.
+reversed (GRADIENT_LAYOUT), which the table VJP reads as it is. Each row strip of a table
+gradient stays in VMEM until its last tile is added. Verified on CPU in the Pallas interpreter
+and compiled by libtpu for a v5p target without a TPU (experiments/tpu_aot_check.py); not yet
+run on a TPU.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ from deberta_jax.models import flash_common as common
 from deberta_jax.models import hash_dropout
 
 _LANES = 128  # per-row statistics are kept replicated over one vreg row of lanes
+
+# The backward kernels write each table's gradient with its distance axis in the opposite order
+# to the table's (c2p in distance order, p2c reversed): the layouts that need only non-negative
+# rotation strides. flash_attention.relative_tables_vjp reads them as they are.
+GRADIENT_LAYOUT = {"c2p_reversed": False, "p2c_reversed": True}
 
 
 def _unskew(window, tile):
@@ -86,23 +92,27 @@ def _scores(q_ref, k_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, key_mask_ref, tile):
   return jnp.where(key_mask_ref[...] > 0, s, common.NEG)
 
 
-def _reversal(tile):
+def _reversal(tile, dtype):
   """The [T, T] anti-identity: x @ J reverses the columns of x (Mosaic lowers no lax.rev)."""
   row = jax.lax.broadcasted_iota(jnp.int32, (tile, tile), 0)
   col = jax.lax.broadcasted_iota(jnp.int32, (tile, tile), 1)
-  return (row + col == tile - 1).astype(jnp.float32)
+  return (row + col == tile - 1).astype(dtype)
 
 
-def _skew_gradient(grad, tile):
-  """[T, T] tile gradient -> [T, 2T] window with window[a, a + b] = grad[a, T-1-b].
+def _skew_gradient(grad, tile, dtype):
+  """[T, T] tile gradient -> [T, 2T] float32 window with window[a, a + b] = grad[a, T-1-b].
 
   The adjoint of `_unskew` would rotate row a left by a lanes, which Mosaic refuses. Reversing
-  the tile's columns first (an exact permutation matmul) turns it into row a right by a, the
-  rotation the forward pass uses; the kernels then write the gradient in a table layout whose
-  distance axis runs the other way (`backward` reverses it back in XLA).
+  the tile's columns first (a permutation matmul) turns it into row a right by a, the rotation
+  the forward pass uses; the kernels then write the gradient in a table layout whose distance
+  axis runs the other way (GRADIENT_LAYOUT). The gradient is rounded to the table's dtype
+  first, as the GPU kernels store it; each output then is one product with 1, so a single
+  bfloat16 pass is exact (float32 tables take the exact multi-pass product).
   """
-  flipped = jax.lax.dot_general(grad, _reversal(tile), (((1,), (0,)), ((), ())),
-                                precision=jax.lax.Precision.HIGHEST,
+  precision = (jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32
+               else jax.lax.Precision.DEFAULT)
+  flipped = jax.lax.dot_general(grad.astype(dtype), _reversal(tile, dtype),
+                                (((1,), (0,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32)
   padded = jnp.concatenate([flipped, jnp.zeros_like(flipped)], axis=1)
   return pltpu.roll(padded, 0, 1, stride=1, stride_axis=0)
@@ -191,7 +201,7 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, ke
   _, ds = _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi,
                                    key_mask_ref, do_ref, lse_ref, delta_ref, i, j, tile, rate)
   dq_scratch[...] += _dot(ds.astype(k_ref.dtype), k_ref[...])
-  _accumulate(strip_scratch, _skew_gradient(ds, tile), blocks - 1 + i - j, tile)
+  _accumulate(strip_scratch, _skew_gradient(ds, tile, dc2p_ref.dtype), blocks - 1 + i - j, tile)
 
   @pl.when(j == blocks - 1)
   def _():
@@ -219,7 +229,8 @@ def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, k
   ds_t = ds.T
   dv_scratch[...] += _dot(kept.T.astype(do_ref.dtype), do_ref[...])
   dk_scratch[...] += _dot(ds_t.astype(q_ref.dtype), q_ref[...])
-  _accumulate(strip_scratch, _skew_gradient(ds_t, tile), blocks - 1 - i + j, tile)
+  _accumulate(strip_scratch, _skew_gradient(ds_t, tile, dp2c_ref.dtype), blocks - 1 - i + j,
+              tile)
 
   @pl.when(i == blocks - 1)
   def _():
@@ -350,12 +361,4 @@ def backward(seed, q, k, v, c2p, p2c, mask, lse, d_out, delta, *, rate, tile, in
       interpret=interpret,
       name="disentangled_attention_dkv_tpu",
   )(*operands)
-  # The kernels wrote each gradient with its distance axis in the opposite order to its table's
-  # (c2p in distance order, p2c reversed: the layouts that need only non-negative strides);
-  # reversing the 2L-1 real columns puts them back, the padding column stays zero.
-  return dq, dk, dv, _reverse_distances(dc2p), _reverse_distances(dp2c)
-
-
-def _reverse_distances(table):
-  """Column u <-> column 2L-2-u of a [..., 2L] table whose last column is padding."""
-  return jnp.roll(jnp.flip(table, axis=-1), -1, axis=-1)
+  return dq, dk, dv, dc2p, dp2c
