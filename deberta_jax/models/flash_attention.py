@@ -88,18 +88,16 @@ def _per_sequence(rows, batch):
   return jnp.broadcast_to(rows[None], (batch,) + rows.shape)
 
 
-def relative_tables(q, k, qr_by_distance, kr_by_distance, *, c2p_reversed=True,
-                    p2c_reversed=False):
+def relative_tables(q, k, qr_by_distance, kr_by_distance):
   """The per-distance products the kernels read: (c2p reversed, p2c), each [B, n, L, 2L].
 
   q, k: [B, n, L, d]; row t of *_by_distance [2L-1, n, d] holds distance t - (L-1). The last
   column is zero padding (a power-of-two row length keeps rows aligned). Plain batched matmuls
-  with float32 accumulation, stored in the compute dtype. The flags give the other distance
-  orders, the layouts in which a kernel set may write the tables' gradients.
+  with float32 accumulation, stored in the compute dtype.
   """
   batch = q.shape[0]
-  kr_rows = _per_sequence(_distance_rows(kr_by_distance, c2p_reversed), batch)
-  qr_rows = _per_sequence(_distance_rows(qr_by_distance, p2c_reversed), batch)
+  kr_rows = _per_sequence(_distance_rows(kr_by_distance, reverse=True), batch)
+  qr_rows = _per_sequence(_distance_rows(qr_by_distance, reverse=False), batch)
   c2p = jnp.einsum("bnid,bnud->bniu", q, kr_rows,
                    preferred_element_type=jnp.float32).astype(q.dtype)
   p2c = jnp.einsum("bnjd,bntd->bnjt", k, qr_rows,
@@ -109,9 +107,9 @@ def relative_tables(q, k, qr_by_distance, kr_by_distance, *, c2p_reversed=True,
 
 def relative_tables_vjp(q, k, qr_by_distance, kr_by_distance, d_c2p, d_p2c, *,
                         c2p_reversed=True, p2c_reversed=False):
-  """(dq, dk) in float32 and (dqr, dkr) from table gradients laid out as `relative_tables`
-  with the same flags: four batched matmuls, and no reversal of a [B, n, L, 2L] gradient
-  when a kernel set writes it in the other distance order."""
+  """(dq, dk) in float32 and (dqr, dkr) from the tables' gradients, each in the distance order
+  its kernel set wrote it in (`relative_tables`' layout is c2p reversed, p2c not): four batched
+  matmuls, and no reversal of a [B, n, L, 2L] gradient when the order differs."""
   batch = q.shape[0]
   f32 = jnp.float32
   kr_rows = _distance_rows(kr_by_distance, c2p_reversed)

@@ -19,12 +19,12 @@ from deberta_jax.models.flash_common import NEG
 from deberta_jax.models.hash_dropout import keep_mask, keep_scale
 
 
-# ----------------------------------------------------------------------------------------------
-# Tile helpers
-
-
 # The backward kernels write the table gradients in the tables' own layouts.
 GRADIENT_LAYOUT = {"c2p_reversed": True, "p2c_reversed": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile helpers
 
 
 def _tile_indices(q_start, k_start, block_q, block_k):

@@ -125,6 +125,11 @@ def _accumulate(strip_ref, window, first_block, tile):
   strip_ref[first_block + 1] = strip_ref[first_block + 1] + window[:, tile:]
 
 
+def _zero(*refs):
+  for ref in refs:
+    ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+
 def _write_strip(strip_ref, out_ref):
   tile = strip_ref.shape[-1]
   for block in range(strip_ref.shape[0]):
@@ -193,10 +198,7 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, ke
   i, j = pl.program_id(2), pl.program_id(3)
   blocks = pl.num_programs(3)
 
-  @pl.when(j == 0)
-  def _():
-    dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
-    strip_scratch[...] = jnp.zeros(strip_scratch.shape, jnp.float32)
+  pl.when(j == 0)(lambda: _zero(dq_scratch, strip_scratch))
 
   _, ds = _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi,
                                    key_mask_ref, do_ref, lse_ref, delta_ref, i, j, tile, rate)
@@ -217,11 +219,7 @@ def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, k
   j, i = pl.program_id(2), pl.program_id(3)
   blocks = pl.num_programs(3)
 
-  @pl.when(i == 0)
-  def _():
-    dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
-    dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
-    strip_scratch[...] = jnp.zeros(strip_scratch.shape, jnp.float32)
+  pl.when(i == 0)(lambda: _zero(dk_scratch, dv_scratch, strip_scratch))
 
   kept, ds = _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo,
                                       p2c_hi, key_mask_ref, do_ref, lse_ref, delta_ref, i, j,
@@ -333,14 +331,13 @@ def backward(seed, q, k, v, c2p, p2c, mask, lse, d_out, delta, *, rate, tile, in
             *_window_halves(tile, blocks, "p2c", query_axis),
             pl.BlockSpec((None, 1, tile), _key_mask_index(key_axis)), row(query_axis), stat, stat]
 
-  strip = lambda axis: pl.BlockSpec((None, None, tile, width),
-                                    lambda b, h, x, y: (b, h, (x, y)[axis - 2], 0))
+  strip = pl.BlockSpec((None, None, tile, width), lambda b, h, x, y: (b, h, x, 0))  # axis 2
   strip_scratch = pltpu.VMEM((width // tile, tile, tile), jnp.float32)
   dq, dc2p = pl.pallas_call(
       functools.partial(_dq_kernel, tile=tile, rate=rate),
       grid=(batch, heads, blocks, blocks),
       in_specs=in_specs(2, 3),
-      out_specs=[_row_block(tile, head_dim, 2), strip(2)],
+      out_specs=[_row_block(tile, head_dim, 2), strip],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(c2p.shape, c2p.dtype)],
       scratch_shapes=[pltpu.VMEM((tile, head_dim), jnp.float32), strip_scratch],
@@ -352,7 +349,7 @@ def backward(seed, q, k, v, c2p, p2c, mask, lse, d_out, delta, *, rate, tile, in
       functools.partial(_dkv_kernel, tile=tile, rate=rate),
       grid=(batch, heads, blocks, blocks),
       in_specs=in_specs(3, 2),
-      out_specs=[_row_block(tile, head_dim, 2), _row_block(tile, head_dim, 2), strip(2)],
+      out_specs=[_row_block(tile, head_dim, 2), _row_block(tile, head_dim, 2), strip],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct(p2c.shape, p2c.dtype)],
       scratch_shapes=[pltpu.VMEM((tile, head_dim), jnp.float32),
