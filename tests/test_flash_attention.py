@@ -6,6 +6,8 @@ their targets (Triton IR for CUDA, Mosaic for TPU), which catches what only the 
 lowering path would reject (tile shapes, unsupported operations, indexing).
 """
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -262,6 +264,25 @@ def test_tpu_kernels_lower_to_mosaic(batch, heads, length, head_dim):
   for kernel in ("disentangled_attention_forward_tpu", "disentangled_attention_dq_tpu",
                  "disentangled_attention_dkv_tpu"):
     assert kernel in text, kernel
+  # Each kernel tells XLA's cost model what it executes (the config JSON is escaped in the text):
+  # every kernel computes Q K^T and both [T, 2T] table windows (2 + 8 FLOPs per entry and head
+  # dimension); then P V (forward), dP and dQ (dq), or dV, dP and dK (dkv), and in the backward
+  # the permutation matmul of every [T, T] tile, T = 128; one exp per score entry.
+  estimates = [dict(re.findall(r"\\22(\w+)\\22:(\d+)", body))
+               for body in re.findall(r"cost_estimate\\22: \{([^}]*)\}", text)]
+  tile = 128
+  area = (-(-length // tile) * tile) ** 2
+  pairs = batch * heads
+  assert sorted(int(e["flops"]) for e in estimates) == [
+      pairs * area * (12 * head_dim), pairs * area * (14 * head_dim + 2 * tile),
+      pairs * area * (16 * head_dim + 2 * tile)]
+  assert [int(e["transcendentals"]) for e in estimates] == [pairs * area] * 3
+  assert all(int(e["bytes_accessed"]) > 0 for e in estimates)
+  # XLA may fuse the lane broadcasts (query mask; log-sum-exp and delta) into the kernels' reads
+  # and nothing else: the forward's last operand, the backward kernels' last two.
+  fusible = [body.split(",") for body in re.findall(r"allow_input_fusion\\22: \[([^\]]*)\]", text)]
+  assert [f.count("true") for f in fusible] == [1, 2, 2]
+  assert all(f[-f.count("true"):] == ["true"] * f.count("true") for f in fusible)
 
 
 def test_encoder_gradients_with_remat_and_scanned_layers():
@@ -321,6 +342,25 @@ def test_backward_recomputes_the_tables_behind_a_barrier():
             and e.outvars[0].aval.shape[-1] == width]
   recomputed = [e for e in tables if any(x in behind for x in e.invars)]
   assert len(tables) == 4 and len(recomputed) == 2, (len(tables), len(recomputed))
+
+
+def test_tpu_kernels_compute_the_table_windows_themselves():
+  """The Mosaic path hands the kernels the [n, 2L, d] distance rows, not [B, n, L, 2L] tables:
+  no XLA matmul in its forward or backward pass produces a table (the table gradients come from
+  the kernels and feed four matmuls whose outputs are [.., d]). The Triton path builds its
+  tables twice, in the forward pass and again in the backward pass."""
+  (q, k, v, qr, kr), mask = _inputs(length=32)
+  width = 2 * 32
+
+  def tables_built(backend):
+    loss = lambda q, k, qr, kr: jnp.sum(fa.fused_attention(q, k, v, qr, kr, mask,
+                                                           backend=backend, interpret=True))
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, qr, kr).jaxpr
+    return sum(e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] == width
+               for e in jaxpr.eqns)
+
+  assert tables_built("mosaic") == 0
+  assert tables_built("triton") == 4
 
 
 def _pallas_calls(jaxpr):

@@ -12,19 +12,21 @@ beyond a [T, T] tile in registers or VMEM, as in FlashAttention-2:
             dV and the p2c table's gradient, one per query block writes dQ and the c2p table's.
 
 The relative terms need no [L, L] gather. Both depend on (i, j) through the distance i - j only,
-so the per-distance products are plain batched matmuls computed by XLA outside the kernels:
+so the per-distance products are plain matmuls against the [2L, d] distance rows:
 
   c2p[b, n, i, u] = q_i . kr(distance (L-1) - u)   term of (i, j) at u = (L-1) - i + j
   p2c[b, n, j, t] = k_j . qr(distance t - (L-1))   term of (i, j) at t = (L-1) + i - j
 
-and a tile reads its terms from them: the GPU kernels (flash_kernels_gpu.py) with computed-index
-loads, the TPU kernels (flash_kernels_tpu.py) with a strided lane rotation of a [T, 2T]
-window.
+The GPU kernels (flash_kernels_gpu.py) read a tile's terms from these [B, n, L, 2L] tables with
+computed-index loads. The TPU kernels (flash_kernels_tpu.py) never see a table: each tile
+multiplies its query (or key) block by the two [T, d] blocks of distance rows its [T, 2T] window
+spans, on the MXU, and takes the tile out of the window with a strided lane rotation; on a TPU
+the matmul costs less than writing the tables and reading them back (`relative_operands`).
 The c2p table is stored with its distance axis reversed so that, in both tables, the entries a
 tile needs run contiguously along one tile axis (along keys for c2p, along queries for p2c). In
 the backward pass each table entry receives the score gradient of exactly one (i, j) pair, so the
 table gradients are written without atomics (deterministic), and XLA turns them into dq, dk, dqr
-and dkr with the same batched matmuls it uses for the forward products. The tables are
+and dkr with the same batched matmuls it uses for the forward products. The GPU tables are
 recomputed in the backward pass, behind an optimization barrier that keeps XLA from merging the
 recomputation with the forward's matmuls, so the residuals per layer are q, k, v, the context
 and the log-sum-exp, as in FlashAttention.
@@ -53,7 +55,8 @@ from deberta_jax.models import flash_kernels_tpu
 from deberta_jax.models.hash_dropout import keep_mask, keep_scale
 
 __all__ = ["block_size", "default_backend", "fused_attention", "keep_mask", "keep_scale",
-           "reference_attention", "relative_tables", "relative_tables_vjp", "target_platform"]
+           "reference_attention", "relative_operands", "relative_tables", "relative_tables_vjp",
+           "target_platform"]
 
 _KERNELS = {"triton": flash_kernels_gpu, "mosaic": flash_kernels_tpu}
 
@@ -105,6 +108,15 @@ def relative_tables(q, k, qr_by_distance, kr_by_distance):
   return c2p, p2c
 
 
+def relative_operands(kernels, q, k, qr_by_distance, kr_by_distance):
+  """What a kernel set reads the relative terms from (its RELATIVE_OPERANDS): the tables of
+  `relative_tables`, or the [n, 2L, d] distance rows (key rows reversed, for c2p; query rows,
+  for p2c) from which the kernels compute each tile's table windows themselves."""
+  if kernels.RELATIVE_OPERANDS == "distance_rows":
+    return _distance_rows(kr_by_distance, reverse=True), _distance_rows(qr_by_distance, False)
+  return relative_tables(q, k, qr_by_distance, kr_by_distance)
+
+
 def relative_tables_vjp(q, k, qr_by_distance, kr_by_distance, d_c2p, d_p2c, *,
                         c2p_reversed=True, p2c_reversed=False):
   """(dq, dk) in float32 and (dqr, dkr) from the tables' gradients, each in the distance order
@@ -131,11 +143,12 @@ def _fused(seed, q, k, v, qr, kr, mask, rate, tile, backend, interpret):
 
 
 def _fused_fwd(seed, q, k, v, qr, kr, mask, rate, tile, backend, interpret):
-  # The tables are recomputed in the backward pass rather than saved: two matmuls are cheaper
+  # Tables (GPU) are recomputed in the backward pass rather than saved: two matmuls are cheaper
   # than keeping 2 x [B, n, L, 2L] per layer alive until the backward pass.
-  c2p, p2c = relative_tables(q, k, qr, kr)
-  out, lse = _KERNELS[backend].forward(seed, q, k, v, c2p, p2c, mask, rate=rate, tile=tile,
-                                       interpret=interpret)
+  kernels = _KERNELS[backend]
+  c2p_source, p2c_source = relative_operands(kernels, q, k, qr, kr)
+  out, lse = kernels.forward(seed, q, k, v, c2p_source, p2c_source, mask, rate=rate, tile=tile,
+                             interpret=interpret)
   return out, (seed, q, k, v, qr, kr, mask, out, lse)
 
 
@@ -148,13 +161,13 @@ def _fused_bwd(rate, tile, backend, interpret, residuals, d_out):
   # log-sum-exp goes through it too: the TPU kernels read it broadcast over 128 lanes, and XLA
   # otherwise scheduled those broadcasts early (100 MiB per layer at base, 8 alive at the peak).
   q, k, qr, kr, lse, d_out = jax.lax.optimization_barrier((q, k, qr, kr, lse, d_out))
-  c2p, p2c = relative_tables(q, k, qr, kr)
+  kernels = _KERNELS[backend]
+  c2p_source, p2c_source = relative_operands(kernels, q, k, qr, kr)
   # Pad query rows were zeroed in the forward pass, so nothing flows back through them.
   d_out = jnp.where(mask[:, None, :, None] > 0, d_out, 0).astype(q.dtype)
   delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
-  kernels = _KERNELS[backend]
   dq, dk, dv, dc2p, dp2c = kernels.backward(
-      seed, q, k, v, c2p, p2c, mask, lse, d_out, delta, rate=rate, tile=tile,
+      seed, q, k, v, c2p_source, p2c_source, mask, lse, d_out, delta, rate=rate, tile=tile,
       interpret=interpret)
   dq_rel, dk_rel, dqr, dkr = relative_tables_vjp(q, k, qr, kr, dc2p, dp2c,
                                                  **kernels.GRADIENT_LAYOUT)

@@ -19,6 +19,8 @@ from deberta_jax.models.flash_common import NEG
 from deberta_jax.models.hash_dropout import keep_mask, keep_scale
 
 
+# The kernels read the relative terms from the [B, n, L, 2L] tables (relative_tables).
+RELATIVE_OPERANDS = "tables"
 # The backward kernels write the table gradients in the tables' own layouts.
 GRADIENT_LAYOUT = {"c2p_reversed": True, "p2c_reversed": False}
 

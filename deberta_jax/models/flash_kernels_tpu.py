@@ -1,7 +1,7 @@
 """The fused disentangled-attention kernels for TPU (Pallas Mosaic).
 
-Same algorithm, tables and dropout hash as the GPU kernels in flash_attention.py (read that
-docstring first); what differs is how a tile finds its relative terms. A TPU kernel has no
+Same algorithm, relative terms and dropout hash as the GPU kernels in flash_attention.py (read
+that docstring first); what differs is how a tile finds its relative terms. A TPU kernel has no
 per-element gather, but it has a strided lane rotation, and that is exactly the relative shift:
 
   The c2p entries of tile (query block i, key block j) lie in the [T, 2T] window of the
@@ -11,9 +11,13 @@ per-element gather, but it has a strided lane rotation, and that is exactly the 
   first T columns are the tile. The p2c window (rows j, columns (nb-1+i-j)*T..) gives the
   transposed tile the same way.
 
-The two halves of a window are two aligned [T, T] blocks of the table, fetched by the pipeline
-like any other input. The grid is (batch, head, query block, key block) with the last axis
-sequential ("arbitrary"), as in jax's own Pallas TPU flash attention. Tiles are at least 128.
+No table exists in HBM: a window is the tile's query block (for p2c, its key block) times the
+two aligned [T, d] blocks of distance rows it spans, a [T, d] x [d, 2T] matmul per table in
+VMEM. That is 8 T^2 d extra MXU FLOPs per tile, against writing two [B, n, L, 2L] tables per
+layer (in the forward pass and again in the backward recomputation) and reading two [T, T]
+halves of both per tile in each of the three kernels. The grid is (batch, head, query block,
+key block) with the last axis sequential ("arbitrary"), as in jax's own Pallas TPU flash
+attention. Tiles are at least 128.
 
 The backward pass is two kernels, as on GPU (dQ and the c2p gradient per query block; dK, dV
 and the p2c gradient per key block). A tile's table gradient is the adjoint of the relative
@@ -45,6 +49,8 @@ _LANES = 128  # per-row statistics are kept replicated over one vreg row of lane
 # to the table's (c2p in distance order, p2c reversed): the layouts that need only non-negative
 # rotation strides. flash_attention.relative_tables_vjp reads them as they are.
 GRADIENT_LAYOUT = {"c2p_reversed": False, "p2c_reversed": True}
+# The kernels compute each tile's table windows from the [n, 2L, d] distance rows.
+RELATIVE_OPERANDS = "distance_rows"
 
 
 def _unskew(window, tile):
@@ -58,8 +64,15 @@ def _unskew(window, tile):
   return pltpu.roll(rolled, tile + 1, 1)[:, :tile]
 
 
-def _window(lo_ref, hi_ref):
-  return jnp.concatenate([lo_ref[...], hi_ref[...]], axis=1).astype(jnp.float32)
+def _window(x, lo_ref, hi_ref):
+  """[T, 2T] table window x @ rows^T from two [T, d] blocks of distance rows, on the MXU.
+
+  Rounded to the compute dtype, as XLA stores the GPU kernels' tables, so both kernel sets add
+  the same relative terms. Computing it here costs 8 T^2 d FLOPs per tile and both tables; a
+  [B, n, L, 2L] table in HBM would cost writing it and reading two [T, T] halves per tile.
+  """
+  rows = jnp.concatenate([lo_ref[...], hi_ref[...]], axis=0)
+  return _dot_nt(x, rows).astype(x.dtype).astype(jnp.float32)
 
 
 def _dot_nt(a, b):
@@ -86,9 +99,12 @@ def _positions(tile, row_block, col_block):
 
 
 def _scores(q_ref, k_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, key_mask_ref, tile):
-  """The [T, T] score tile: c2c plus both relative terms, masked keys at NEG."""
-  s = (_dot_nt(q_ref[...], k_ref[...]) + _unskew(_window(c2p_lo, c2p_hi), tile)
-       + _unskew(_window(p2c_lo, p2c_hi), tile).T)
+  """The [T, T] score tile: c2c plus both relative terms, masked keys at NEG. c2p_*: blocks of
+  the reversed key-position rows (their window against the query tile is the c2p window);
+  p2c_*: blocks of the query-position rows (against the key tile)."""
+  q, k = q_ref[...], k_ref[...]
+  s = (_dot_nt(q, k) + _unskew(_window(q, c2p_lo, c2p_hi), tile)
+       + _unskew(_window(k, p2c_lo, p2c_hi), tile).T)
   return jnp.where(key_mask_ref[...] > 0, s, common.NEG)
 
 
@@ -248,19 +264,21 @@ def _row_block(tile, head_dim, axis):
 
 
 def _window_index(blocks, table, half, query_axis):
-  """Index map of one [T, T] half of a table window for tile (query block i, key block j), the
-  query block on grid axis `query_axis`. 'c2p': rows = query block, columns start at block
-  nb-1-i+j; 'p2c': rows = key block, columns start at nb-1+i-j."""
+  """Index map of the [T, d] block of distance rows behind one half of a table window, for tile
+  (query block i, key block j), the query block on grid axis `query_axis`. The c2p window
+  (rows = query block) starts at column block nb-1-i+j, the p2c window (rows = key block) at
+  nb-1+i-j; the rows are shared by every sequence of the batch."""
   def index(b, h, x, y):
+    del b
     i, j = (x, y) if query_axis == 2 else (y, x)
     if table == "c2p":
-      return b, h, i, blocks - 1 - i + j + half
-    return b, h, j, blocks - 1 + i - j + half
+      return h, blocks - 1 - i + j + half, 0
+    return h, blocks - 1 + i - j + half, 0
   return index
 
 
-def _window_halves(tile, blocks, table, query_axis=2):
-  return [pl.BlockSpec((None, None, tile, tile), _window_index(blocks, table, half, query_axis))
+def _window_halves(tile, head_dim, blocks, table, query_axis=2):
+  return [pl.BlockSpec((None, tile, head_dim), _window_index(blocks, table, half, query_axis))
           for half in (0, 1)]
 
 
@@ -272,27 +290,76 @@ def _stat_column(tile, axis):
   return pl.BlockSpec((None, None, tile, _LANES), lambda b, h, x, y: (b, h, (x, y)[axis - 2], 0))
 
 
-def _params(semantics=("parallel", "parallel", "parallel", "arbitrary")):
-  return pltpu.CompilerParams(dimension_semantics=semantics)
+def _params(operands, broadcasts, semantics=("parallel", "parallel", "parallel", "arbitrary")):
+  """Compiler parameters of a kernel whose last `broadcasts` operands are lane broadcasts (the
+  query mask, the log-sum-exp and delta as [.., L, 128]): XLA may fuse their producers into the
+  kernel's reads, so the 128x copies are never written to HBM (at base, 32 sequences per chip,
+  each is 96 MiB per layer pass)."""
+  fusible = [False] * (operands - broadcasts) + [True] * broadcasts
+  return pltpu.CompilerParams(dimension_semantics=semantics, allow_input_fusion=fusible)
 
 
 def _smem():
   return pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
-def forward(seed, q, k, v, c2p, p2c, mask, *, rate, tile, interpret):
-  """(context [B, n, L, d], log-sum-exp [B, n, L])."""
+def kernel_costs(batch, heads, length, head_dim, tile, width, dtype):
+  """{'forward' | 'dq' | 'dkv': pl.CostEstimate}: what each kernel executes and moves.
+
+  XLA cannot see into a custom call: these figures are all its cost model knows of a kernel,
+  both for its scheduler (which places FSDP's all-gathers and reduce-scatters to overlap
+  compute) and for the compiled step's cost analysis, which otherwise leaves attention out.
+  Counted per (batch, head), with A = L^2 score entries: every kernel computes its score tiles,
+  Q K^T and both [T, 2T] table windows (2 A d + 8 A d FLOPs); the forward adds P V (2 A d); dq
+  adds dP and dQ (4 A d), dkv dV, dP and dK (6 A d); both backward kernels add the
+  anti-identity matmul of every tile's table gradient (2 A T). One exp per score entry in each
+  kernel. Bytes follow the pipeline: a block whose index does not change along the sequential
+  axis is fetched once, the others once per step of it; each tile reads four [T, d] blocks of
+  distance rows.
+  """
+  pairs = batch * heads
+  blocks = length // tile
+  area = length * length
+  itemsize = jnp.dtype(dtype).itemsize
+  rows = length * head_dim * itemsize                      # one q/k/v-shaped operand, one (b, h)
+  windows = blocks * blocks * 4 * tile * head_dim * itemsize
+  strip = length * width * itemsize
+  stats = length * _LANES * 4                              # lse or delta, broadcast over lanes
+  scores = 10 * area * head_dim
+  skew = 2 * area * tile
+
+  def cost(flops, moved):
+    return pl.CostEstimate(flops=int(pairs * flops), transcendentals=int(pairs * area),
+                           bytes_accessed=int(pairs * moved))
+
+  return {
+      # q once; k, v per query block; out and lse written once.
+      "forward": cost(scores + 2 * area * head_dim, rows * (2 + 2 * blocks) + windows + stats),
+      # q, d_out, lse, delta once; k, v per query block; dq and the c2p strip written once.
+      "dq": cost(scores + 4 * area * head_dim + skew,
+                 rows * (3 + 2 * blocks) + windows + 2 * stats + strip),
+      # k, v once; q, d_out, lse, delta per key block; dk, dv and the p2c strip written once.
+      "dkv": cost(scores + 6 * area * head_dim + skew,
+                  rows * (4 + 2 * blocks) + windows + 2 * stats * blocks + strip),
+  }
+
+
+def forward(seed, q, k, v, kr_rows, qr_rows, mask, *, rate, tile, interpret):
+  """(context [B, n, L, d], log-sum-exp [B, n, L]). kr_rows (reversed) and qr_rows: the
+  [n, 2L, d] distance rows (`flash_attention.relative_operands`), not the tables."""
   batch, heads, length, head_dim = q.shape
   blocks = length // tile
   key_mask = mask[:, None, :]                                          # [B, 1, L]
   query_mask = jnp.broadcast_to(mask[:, :, None], (batch, length, _LANES))
+  costs = kernel_costs(batch, heads, length, head_dim, tile, kr_rows.shape[1], q.dtype)
+  operands = (seed, q, k, v, kr_rows, kr_rows, qr_rows, qr_rows, key_mask, query_mask)
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, tile=tile, rate=rate),
       grid=(batch, heads, blocks, blocks),
       in_specs=[_smem(), _row_block(tile, head_dim, 2), _row_block(tile, head_dim, 3),
                 _row_block(tile, head_dim, 3),
-                *_window_halves(tile, blocks, "c2p"),
-                *_window_halves(tile, blocks, "p2c"),
+                *_window_halves(tile, head_dim, blocks, "c2p"),
+                *_window_halves(tile, head_dim, blocks, "p2c"),
                 pl.BlockSpec((None, 1, tile), _key_mask_index(3)),
                 pl.BlockSpec((None, tile, _LANES), lambda b, h, i, j: (b, i, 0))],
       out_specs=[_row_block(tile, head_dim, 2), _stat_column(tile, 2)],
@@ -301,15 +368,17 @@ def forward(seed, q, k, v, c2p, p2c, mask, *, rate, tile, interpret):
       scratch_shapes=[pltpu.VMEM((tile, _LANES), jnp.float32),
                       pltpu.VMEM((tile, _LANES), jnp.float32),
                       pltpu.VMEM((tile, head_dim), jnp.float32)],
-      compiler_params=_params(),
+      compiler_params=_params(len(operands), broadcasts=1),
+      cost_estimate=costs["forward"],
       interpret=interpret,
       name="disentangled_attention_forward_tpu",
-  )(seed, q, k, v, c2p, c2p, p2c, p2c, key_mask, query_mask)
+  )(*operands)
   return out, lse[..., 0]
 
 
-def backward(seed, q, k, v, c2p, p2c, mask, lse, d_out, delta, *, rate, tile, interpret):
-  """(dq, dk, dv, d c2p table, d p2c table); d_out already zero on pad query rows.
+def backward(seed, q, k, v, kr_rows, qr_rows, mask, lse, d_out, delta, *, rate, tile, interpret):
+  """(dq, dk, dv, d c2p table, d p2c table); d_out already zero on pad query rows. The table
+  gradients are [B, n, L, 2L] in the compute dtype, laid out as GRADIENT_LAYOUT says.
 
   Two kernels recompute the score tiles from the log-sum-exp, as on GPU: one per query block
   accumulates dQ and its rows of the c2p table's gradient over the key blocks, one per key block
@@ -318,17 +387,20 @@ def backward(seed, q, k, v, c2p, p2c, mask, lse, d_out, delta, *, rate, tile, in
   """
   batch, heads, length, head_dim = q.shape
   blocks = length // tile
-  width = c2p.shape[-1]
+  width = kr_rows.shape[1]
+  table = jax.ShapeDtypeStruct((batch, heads, length, width), q.dtype)
+  costs = kernel_costs(batch, heads, length, head_dim, tile, width, q.dtype)
   key_mask = mask[:, None, :]
   column = lambda x: jnp.broadcast_to(x[..., None], x.shape + (_LANES,))
-  operands = (seed, q, k, v, c2p, c2p, p2c, p2c, key_mask, d_out, column(lse), column(delta))
+  operands = (seed, q, k, v, kr_rows, kr_rows, qr_rows, qr_rows, key_mask, d_out, column(lse),
+              column(delta))
 
   def in_specs(query_axis, key_axis):
     row = lambda axis: _row_block(tile, head_dim, axis)
     stat = _stat_column(tile, query_axis)
     return [_smem(), row(query_axis), row(key_axis), row(key_axis),
-            *_window_halves(tile, blocks, "c2p", query_axis),
-            *_window_halves(tile, blocks, "p2c", query_axis),
+            *_window_halves(tile, head_dim, blocks, "c2p", query_axis),
+            *_window_halves(tile, head_dim, blocks, "p2c", query_axis),
             pl.BlockSpec((None, 1, tile), _key_mask_index(key_axis)), row(query_axis), stat, stat]
 
   strip = pl.BlockSpec((None, None, tile, width), lambda b, h, x, y: (b, h, x, 0))  # axis 2
@@ -339,9 +411,10 @@ def backward(seed, q, k, v, c2p, p2c, mask, lse, d_out, delta, *, rate, tile, in
       in_specs=in_specs(2, 3),
       out_specs=[_row_block(tile, head_dim, 2), strip],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct(c2p.shape, c2p.dtype)],
+                 table],
       scratch_shapes=[pltpu.VMEM((tile, head_dim), jnp.float32), strip_scratch],
-      compiler_params=_params(),
+      compiler_params=_params(len(operands), broadcasts=2),
+      cost_estimate=costs["dq"],
       interpret=interpret,
       name="disentangled_attention_dq_tpu",
   )(*operands)
@@ -351,10 +424,11 @@ def backward(seed, q, k, v, c2p, p2c, mask, lse, d_out, delta, *, rate, tile, in
       in_specs=in_specs(3, 2),
       out_specs=[_row_block(tile, head_dim, 2), _row_block(tile, head_dim, 2), strip],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct(p2c.shape, p2c.dtype)],
+                 table],
       scratch_shapes=[pltpu.VMEM((tile, head_dim), jnp.float32),
                       pltpu.VMEM((tile, head_dim), jnp.float32), strip_scratch],
-      compiler_params=_params(),
+      compiler_params=_params(len(operands), broadcasts=2),
+      cost_estimate=costs["dkv"],
       interpret=interpret,
       name="disentangled_attention_dkv_tpu",
   )(*operands)
