@@ -166,6 +166,16 @@ def _fused_bwd(rate, tile, backend, interpret, residuals, d_out):
   # Pad query rows were zeroed in the forward pass, so nothing flows back through them.
   d_out = jnp.where(mask[:, None, :, None] > 0, d_out, 0).astype(q.dtype)
   delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
+  if kernels.RELATIVE_OPERANDS == "distance_rows":
+    # The kernels fold the table gradients into dq, dk and the rows' gradients themselves.
+    layout = kernels.GRADIENT_LAYOUT
+    dq, dk, dv, dkr_rows, dqr_rows = kernels.backward(
+        seed, q, k, v, c2p_source, p2c_source, _distance_rows(kr, layout["c2p_reversed"]),
+        _distance_rows(qr, layout["p2c_reversed"]), mask, lse, d_out, delta, rate=rate,
+        tile=tile, interpret=interpret)
+    dqr = _distance_rows_cotangent(dqr_rows, layout["p2c_reversed"]).astype(qr.dtype)
+    dkr = _distance_rows_cotangent(dkr_rows, layout["c2p_reversed"]).astype(kr.dtype)
+    return None, dq, dk, dv, dqr, dkr, None
   dq, dk, dv, dc2p, dp2c = kernels.backward(
       seed, q, k, v, c2p_source, p2c_source, mask, lse, d_out, delta, rate=rate, tile=tile,
       interpret=interpret)

@@ -25,8 +25,9 @@ shift: row a rotated *left* by a lanes, which Mosaic refuses (a deviceless libtp
 rejected stride 2T-1: its strided rotations must keep the per-row shifts within one vreg).
 Reversing the tile's columns first, by a matmul with the anti-identity, turns it into the
 forward's rotation (row a right by a); the gradient then comes out with its distance axis
-reversed (GRADIENT_LAYOUT), which the table VJP reads as it is. Each row strip of a table
-gradient stays in VMEM until its last tile is added. Verified on CPU in the Pallas interpreter
+reversed (GRADIENT_LAYOUT). Each row strip of a table gradient stays in VMEM until its last
+tile is added, and is then multiplied into dQ (or dK) and into the gradient of the distance
+rows (taken in the GRADIENT_LAYOUT order), so no table gradient reaches HBM either. Verified on CPU in the Pallas interpreter
 and compiled by libtpu for a v5p target without a TPU (experiments/tpu_aot_check.py); not yet
 run on a TPU.
 """
@@ -146,10 +147,19 @@ def _zero(*refs):
     ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
 
-def _write_strip(strip_ref, out_ref):
+def _fold_strip(strip_ref, rows_ref, x, dtype):
+  """The table VJP of one finished row strip, in VMEM: (the strip times the [2L, d] distance
+  rows, the [T, d] gradient of the strip's query or key rows; the strip's transpose times those
+  rows x, the [2L, d] gradient of the distance rows from this tile row). The strip is rounded to
+  the compute dtype first, as a table gradient written to HBM would be."""
   tile = strip_ref.shape[-1]
+  grad_x = jnp.zeros((tile, x.shape[-1]), jnp.float32)
+  grad_rows = []
   for block in range(strip_ref.shape[0]):
-    out_ref[:, block * tile:(block + 1) * tile] = strip_ref[block].astype(out_ref.dtype)
+    piece = strip_ref[block].astype(dtype)
+    grad_x += _dot(piece, rows_ref[block * tile:(block + 1) * tile, :])
+    grad_rows.append(_dot(piece.T, x))
+  return grad_x, jnp.concatenate(grad_rows, axis=0)
 
 
 def _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi,
@@ -206,36 +216,44 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_h
     lse_ref[...] = jnp.broadcast_to(m_next + jnp.log(l_next), lse_ref.shape)
 
 
-def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, key_mask_ref,
-               do_ref, lse_ref, delta_ref, dq_ref, dc2p_ref, dq_scratch, strip_scratch, *, tile,
-               rate):
-  """Query block i over key blocks j: dQ, and rows i of the c2p table's gradient (distance
-  order), whose entry (a, (L-1) + i - j) takes the score gradient of exactly one pair."""
+def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, kr_grad_rows,
+               qr_grad_rows, key_mask_ref, do_ref, lse_ref, delta_ref, dq_ref, dkr_ref,
+               dq_scratch, strip_scratch, *, tile, rate):
+  """Query block i over key blocks j: dQ, with the c2p term's share, and this sequence's
+  gradient of the key-position rows, accumulated over i. Row strip i of the c2p table's
+  gradient (distance order: entry (a, (L-1) + i - j) takes the score gradient of exactly one
+  pair) is folded into both in VMEM and never written."""
+  del qr_grad_rows
   i, j = pl.program_id(2), pl.program_id(3)
   blocks = pl.num_programs(3)
 
   pl.when(j == 0)(lambda: _zero(dq_scratch, strip_scratch))
+  pl.when((i == 0) & (j == 0))(lambda: _zero(dkr_ref))
 
   _, ds = _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi,
                                    key_mask_ref, do_ref, lse_ref, delta_ref, i, j, tile, rate)
   dq_scratch[...] += _dot(ds.astype(k_ref.dtype), k_ref[...])
-  _accumulate(strip_scratch, _skew_gradient(ds, tile, dc2p_ref.dtype), blocks - 1 + i - j, tile)
+  _accumulate(strip_scratch, _skew_gradient(ds, tile, q_ref.dtype), blocks - 1 + i - j, tile)
 
   @pl.when(j == blocks - 1)
   def _():
-    dq_ref[...] = dq_scratch[...].astype(dq_ref.dtype)
-    _write_strip(strip_scratch, dc2p_ref)
+    dq_rel, dkr = _fold_strip(strip_scratch, kr_grad_rows, q_ref[...], q_ref.dtype)
+    dq_ref[...] = (dq_scratch[...] + dq_rel).astype(dq_ref.dtype)
+    dkr_ref[...] += dkr
 
 
-def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, key_mask_ref,
-                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dp2c_ref, dk_scratch, dv_scratch,
-                strip_scratch, *, tile, rate):
-  """Key block j over query blocks i: dK, dV, and rows j of the p2c table's gradient (reversed
-  distance order)."""
+def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, kr_grad_rows,
+                qr_grad_rows, key_mask_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dqr_ref,
+                dk_scratch, dv_scratch, strip_scratch, *, tile, rate):
+  """Key block j over query blocks i: dK, with the p2c term's share, dV, and this sequence's
+  gradient of the query-position rows, accumulated over j. Row strip j of the p2c table's
+  gradient (reversed distance order) is folded into both in VMEM and never written."""
+  del kr_grad_rows
   j, i = pl.program_id(2), pl.program_id(3)
   blocks = pl.num_programs(3)
 
   pl.when(i == 0)(lambda: _zero(dk_scratch, dv_scratch, strip_scratch))
+  pl.when((j == 0) & (i == 0))(lambda: _zero(dqr_ref))
 
   kept, ds = _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo,
                                       p2c_hi, key_mask_ref, do_ref, lse_ref, delta_ref, i, j,
@@ -243,14 +261,14 @@ def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, k
   ds_t = ds.T
   dv_scratch[...] += _dot(kept.T.astype(do_ref.dtype), do_ref[...])
   dk_scratch[...] += _dot(ds_t.astype(q_ref.dtype), q_ref[...])
-  _accumulate(strip_scratch, _skew_gradient(ds_t, tile, dp2c_ref.dtype), blocks - 1 - i + j,
-              tile)
+  _accumulate(strip_scratch, _skew_gradient(ds_t, tile, k_ref.dtype), blocks - 1 - i + j, tile)
 
   @pl.when(i == blocks - 1)
   def _():
-    dk_ref[...] = dk_scratch[...].astype(dk_ref.dtype)
+    dk_rel, dqr = _fold_strip(strip_scratch, qr_grad_rows, k_ref[...], k_ref.dtype)
+    dk_ref[...] = (dk_scratch[...] + dk_rel).astype(dk_ref.dtype)
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
-    _write_strip(strip_scratch, dp2c_ref)
+    dqr_ref[...] += dqr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,10 +330,10 @@ def kernel_costs(batch, heads, length, head_dim, tile, width, dtype):
   Counted per (batch, head), with A = L^2 score entries: every kernel computes its score tiles,
   Q K^T and both [T, 2T] table windows (2 A d + 8 A d FLOPs); the forward adds P V (2 A d); dq
   adds dP and dQ (4 A d), dkv dV, dP and dK (6 A d); both backward kernels add the
-  anti-identity matmul of every tile's table gradient (2 A T). One exp per score entry in each
-  kernel. Bytes follow the pipeline: a block whose index does not change along the sequential
-  axis is fetched once, the others once per step of it; each tile reads four [T, d] blocks of
-  distance rows.
+  anti-identity matmul of every tile's table gradient (2 A T) and the fold of their [T, 2L]
+  strips into dQ or dK and the rows' gradient (8 A d). One exp per score entry in each kernel.
+  Bytes follow the pipeline: a block whose index does not change along the sequential axes is
+  fetched once, the others once per step; each tile reads four [T, d] blocks of distance rows.
   """
   pairs = batch * heads
   blocks = length // tile
@@ -323,10 +341,10 @@ def kernel_costs(batch, heads, length, head_dim, tile, width, dtype):
   itemsize = jnp.dtype(dtype).itemsize
   rows = length * head_dim * itemsize                      # one q/k/v-shaped operand, one (b, h)
   windows = blocks * blocks * 4 * tile * head_dim * itemsize
-  strip = length * width * itemsize
+  all_rows = 2 * width * head_dim * itemsize + width * head_dim * 4   # both read, one written
   stats = length * _LANES * 4                              # lse or delta, broadcast over lanes
   scores = 10 * area * head_dim
-  skew = 2 * area * tile
+  backward_extra = 2 * area * tile + 8 * area * head_dim
 
   def cost(flops, moved):
     return pl.CostEstimate(flops=int(pairs * flops), transcendentals=int(pairs * area),
@@ -335,12 +353,12 @@ def kernel_costs(batch, heads, length, head_dim, tile, width, dtype):
   return {
       # q once; k, v per query block; out and lse written once.
       "forward": cost(scores + 2 * area * head_dim, rows * (2 + 2 * blocks) + windows + stats),
-      # q, d_out, lse, delta once; k, v per query block; dq and the c2p strip written once.
-      "dq": cost(scores + 4 * area * head_dim + skew,
-                 rows * (3 + 2 * blocks) + windows + 2 * stats + strip),
-      # k, v once; q, d_out, lse, delta per key block; dk, dv and the p2c strip written once.
-      "dkv": cost(scores + 6 * area * head_dim + skew,
-                  rows * (4 + 2 * blocks) + windows + 2 * stats * blocks + strip),
+      # q, d_out, lse, delta once; k, v per query block; dq written once.
+      "dq": cost(scores + 4 * area * head_dim + backward_extra,
+                 rows * (3 + 2 * blocks) + windows + 2 * stats + all_rows),
+      # k, v once; q, d_out, lse, delta per key block; dk, dv written once.
+      "dkv": cost(scores + 6 * area * head_dim + backward_extra,
+                  rows * (4 + 2 * blocks) + windows + 2 * stats * blocks + all_rows),
   }
 
 
@@ -376,60 +394,66 @@ def forward(seed, q, k, v, kr_rows, qr_rows, mask, *, rate, tile, interpret):
   return out, lse[..., 0]
 
 
-def backward(seed, q, k, v, kr_rows, qr_rows, mask, lse, d_out, delta, *, rate, tile, interpret):
-  """(dq, dk, dv, d c2p table, d p2c table); d_out already zero on pad query rows. The table
-  gradients are [B, n, L, 2L] in the compute dtype, laid out as GRADIENT_LAYOUT says.
+def backward(seed, q, k, v, kr_rows, qr_rows, kr_grad_rows, qr_grad_rows, mask, lse, d_out,
+             delta, *, rate, tile, interpret):
+  """(dq, dk, dv, d kr_grad_rows, d qr_grad_rows): the relative terms' shares of dq and dk
+  included, the rows' gradients [n, 2L, d] in float32. d_out already zero on pad query rows.
 
-  Two kernels recompute the score tiles from the log-sum-exp, as on GPU: one per query block
-  accumulates dQ and its rows of the c2p table's gradient over the key blocks, one per key block
-  accumulates dK, dV and its rows of the p2c table's gradient over the query blocks. A row strip
-  of a table gradient lives in VMEM until its last tile is added, so nothing is written twice.
+  kr_grad_rows / qr_grad_rows: the distance rows in the order the table gradients come out in
+  (GRADIENT_LAYOUT), against which the kernels fold them. Two kernels recompute the score tiles
+  from the log-sum-exp, as on GPU: one per query block accumulates dQ and its row strip of the
+  c2p table's gradient over the key blocks, one per key block dK, dV and its strip of the p2c
+  table's gradient over the query blocks. A strip lives in VMEM until its last tile is added;
+  then the kernel multiplies it into the rows' gradient (accumulated over the tile rows of one
+  sequence, so the third grid axis is sequential too) and into dQ or dK. No table gradient
+  reaches HBM.
   """
   batch, heads, length, head_dim = q.shape
   blocks = length // tile
   width = kr_rows.shape[1]
-  table = jax.ShapeDtypeStruct((batch, heads, length, width), q.dtype)
   costs = kernel_costs(batch, heads, length, head_dim, tile, width, q.dtype)
   key_mask = mask[:, None, :]
   column = lambda x: jnp.broadcast_to(x[..., None], x.shape + (_LANES,))
-  operands = (seed, q, k, v, kr_rows, kr_rows, qr_rows, qr_rows, key_mask, d_out, column(lse),
-              column(delta))
+  operands = (seed, q, k, v, kr_rows, kr_rows, qr_rows, qr_rows, kr_grad_rows, qr_grad_rows,
+              key_mask, d_out, column(lse), column(delta))
+  all_rows = pl.BlockSpec((None, width, head_dim), lambda b, h, x, y: (h, 0, 0))
 
   def in_specs(query_axis, key_axis):
     row = lambda axis: _row_block(tile, head_dim, axis)
     stat = _stat_column(tile, query_axis)
     return [_smem(), row(query_axis), row(key_axis), row(key_axis),
             *_window_halves(tile, head_dim, blocks, "c2p", query_axis),
-            *_window_halves(tile, head_dim, blocks, "p2c", query_axis),
+            *_window_halves(tile, head_dim, blocks, "p2c", query_axis), all_rows, all_rows,
             pl.BlockSpec((None, 1, tile), _key_mask_index(key_axis)), row(query_axis), stat, stat]
 
-  strip = pl.BlockSpec((None, None, tile, width), lambda b, h, x, y: (b, h, x, 0))  # axis 2
+  rows_grad = pl.BlockSpec((None, None, width, head_dim), lambda b, h, x, y: (b, h, 0, 0))
+  rows_grad_shape = jax.ShapeDtypeStruct((batch, heads, width, head_dim), jnp.float32)
   strip_scratch = pltpu.VMEM((width // tile, tile, tile), jnp.float32)
-  dq, dc2p = pl.pallas_call(
+  sequential = ("parallel", "parallel", "arbitrary", "arbitrary")
+  dq, dkr = pl.pallas_call(
       functools.partial(_dq_kernel, tile=tile, rate=rate),
       grid=(batch, heads, blocks, blocks),
       in_specs=in_specs(2, 3),
-      out_specs=[_row_block(tile, head_dim, 2), strip],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 table],
+      out_specs=[_row_block(tile, head_dim, 2), rows_grad],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), rows_grad_shape],
       scratch_shapes=[pltpu.VMEM((tile, head_dim), jnp.float32), strip_scratch],
-      compiler_params=_params(len(operands), broadcasts=2),
+      compiler_params=_params(len(operands), broadcasts=2, semantics=sequential),
       cost_estimate=costs["dq"],
       interpret=interpret,
       name="disentangled_attention_dq_tpu",
   )(*operands)
-  dk, dv, dp2c = pl.pallas_call(
+  dk, dv, dqr = pl.pallas_call(
       functools.partial(_dkv_kernel, tile=tile, rate=rate),
       grid=(batch, heads, blocks, blocks),
       in_specs=in_specs(3, 2),
-      out_specs=[_row_block(tile, head_dim, 2), _row_block(tile, head_dim, 2), strip],
+      out_specs=[_row_block(tile, head_dim, 2), _row_block(tile, head_dim, 2), rows_grad],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 table],
+                 rows_grad_shape],
       scratch_shapes=[pltpu.VMEM((tile, head_dim), jnp.float32),
                       pltpu.VMEM((tile, head_dim), jnp.float32), strip_scratch],
-      compiler_params=_params(len(operands), broadcasts=2),
+      compiler_params=_params(len(operands), broadcasts=2, semantics=sequential),
       cost_estimate=costs["dkv"],
       interpret=interpret,
       name="disentangled_attention_dkv_tpu",
   )(*operands)
-  return dq, dk, dv, dc2p, dp2c
+  return dq, dk, dv, jnp.sum(dkr, axis=0), jnp.sum(dqr, axis=0)
