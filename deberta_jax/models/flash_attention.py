@@ -25,8 +25,9 @@ the matmul costs less than writing the tables and reading them back (`relative_o
 The c2p table is stored with its distance axis reversed so that, in both tables, the entries a
 tile needs run contiguously along one tile axis (along keys for c2p, along queries for p2c). In
 the backward pass each table entry receives the score gradient of exactly one (i, j) pair, so the
-table gradients are written without atomics (deterministic), and XLA turns them into dq, dk, dqr
-and dkr with the same batched matmuls it uses for the forward products. The GPU tables are
+table gradients are written without atomics (deterministic). The GPU kernels write them and XLA
+turns them into dq, dk, dqr and dkr with the same batched matmuls it uses for the forward
+products; the TPU kernels do that multiplication themselves on each finished row strip in VMEM. The GPU tables are
 recomputed in the backward pass, behind an optimization barrier that keeps XLA from merging the
 recomputation with the forward's matmuls, so the residuals per layer are q, k, v, the context
 and the log-sum-exp, as in FlashAttention.
@@ -119,8 +120,8 @@ def relative_operands(kernels, q, k, qr_by_distance, kr_by_distance):
 
 def relative_tables_vjp(q, k, qr_by_distance, kr_by_distance, d_c2p, d_p2c, *,
                         c2p_reversed=True, p2c_reversed=False):
-  """(dq, dk) in float32 and (dqr, dkr) from the tables' gradients, each in the distance order
-  its kernel set wrote it in (`relative_tables`' layout is c2p reversed, p2c not): four batched
+  """(dq, dk) in float32 and (dqr, dkr) from the table gradients the GPU kernels write, each in
+  the distance order its kernel set wrote it in (`relative_tables`' layout is c2p reversed, p2c not): four batched
   matmuls, and no reversal of a [B, n, L, 2L] gradient when the order differs."""
   batch = q.shape[0]
   f32 = jnp.float32
