@@ -27,10 +27,10 @@ tile needs run contiguously along one tile axis (along keys for c2p, along queri
 the backward pass each table entry receives the score gradient of exactly one (i, j) pair, so the
 table gradients are written without atomics (deterministic). The GPU kernels write them and XLA
 turns them into dq, dk, dqr and dkr with the same batched matmuls it uses for the forward
-products; the TPU kernels do that multiplication themselves on each finished row strip in VMEM. The GPU tables are
-recomputed in the backward pass, behind an optimization barrier that keeps XLA from merging the
-recomputation with the forward's matmuls, so the residuals per layer are q, k, v, the context
-and the log-sum-exp, as in FlashAttention.
+products; the TPU kernels do that multiplication themselves on each finished row strip in
+VMEM. The GPU tables are recomputed in the backward pass, behind an optimization barrier that
+keeps XLA from merging the recomputation with the forward's matmuls, so the residuals per layer
+are q, k, v, the context and the log-sum-exp, as in FlashAttention.
 
 Attention dropout is regenerated from a counter-based hash of (seed, batch, head, i, j)
 (hash_dropout.py), so the backward kernels rebuild the forward's mask without storing it. The
@@ -121,8 +121,8 @@ def relative_operands(kernels, q, k, qr_by_distance, kr_by_distance):
 def relative_tables_vjp(q, k, qr_by_distance, kr_by_distance, d_c2p, d_p2c, *,
                         c2p_reversed=True, p2c_reversed=False):
   """(dq, dk) in float32 and (dqr, dkr) from the table gradients the GPU kernels write, each in
-  the distance order its kernel set wrote it in (`relative_tables`' layout is c2p reversed, p2c not): four batched
-  matmuls, and no reversal of a [B, n, L, 2L] gradient when the order differs."""
+  the distance order they were written in (`relative_tables`' layout: c2p reversed, p2c not):
+  four batched matmuls, and no reversal of a [B, n, L, 2L] gradient when the order differs."""
   batch = q.shape[0]
   f32 = jnp.float32
   kr_rows = _distance_rows(kr_by_distance, c2p_reversed)

@@ -27,9 +27,9 @@ Reversing the tile's columns first, by a matmul with the anti-identity, turns it
 forward's rotation (row a right by a); the gradient then comes out with its distance axis
 reversed (GRADIENT_LAYOUT). Each row strip of a table gradient stays in VMEM until its last
 tile is added, and is then multiplied into dQ (or dK) and into the gradient of the distance
-rows (taken in the GRADIENT_LAYOUT order), so no table gradient reaches HBM either. Verified on CPU in the Pallas interpreter
-and compiled by libtpu for a v5p target without a TPU (experiments/tpu_aot_check.py); not yet
-run on a TPU.
+rows (taken in the GRADIENT_LAYOUT order), so no table gradient reaches HBM either. Verified
+on CPU in the Pallas interpreter and compiled by libtpu for a v5p target without a TPU
+(experiments/tpu_aot_check.py); not yet run on a TPU.
 """
 
 from __future__ import annotations
