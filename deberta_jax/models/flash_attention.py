@@ -158,9 +158,9 @@ def _fused_bwd(rate, tile, backend, interpret, residuals, d_out):
   # The barrier ties the recomputation to this layer's incoming gradient. Without it XLA is free
   # to merge it with the forward's identical matmuls (CSE), which keeps every layer's tables
   # alive from the forward to the backward pass: the memory the recomputation is meant to save
-  # (libtpu, base step, 32 sequences per chip: 15.45 GiB without, 9.79 GiB with). The
-  # log-sum-exp goes through it too: the TPU kernels read it broadcast over 128 lanes, and XLA
-  # otherwise scheduled those broadcasts early (100 MiB per layer at base, 8 alive at the peak).
+  # (libtpu, base step, 32 sequences per chip, when the TPU kernels still read tables: 15.45 GiB
+  # without, 9.79 GiB with). The log-sum-exp goes through it too: XLA had scheduled its lane
+  # broadcasts for the TPU kernels early (100 MiB per layer at base, 8 alive at the peak).
   q, k, qr, kr, lse, d_out = jax.lax.optimization_barrier((q, k, qr, kr, lse, d_out))
   kernels = _KERNELS[backend]
   c2p_source, p2c_source = relative_operands(kernels, q, k, qr, kr)

@@ -46,9 +46,10 @@ from deberta_jax.models import hash_dropout
 
 _LANES = 128  # per-row statistics are kept replicated over one vreg row of lanes
 
-# The backward kernels write each table's gradient with its distance axis in the opposite order
+# The backward kernels build each table's gradient with its distance axis in the opposite order
 # to the table's (c2p in distance order, p2c reversed): the layouts that need only non-negative
-# rotation strides. flash_attention.relative_tables_vjp reads them as they are.
+# rotation strides. They fold it against distance rows taken in that same order, which
+# flash_attention._fused_bwd passes them.
 GRADIENT_LAYOUT = {"c2p_reversed": False, "p2c_reversed": True}
 # The kernels compute each tile's table windows from the [n, 2L, d] distance rows.
 RELATIVE_OPERANDS = "distance_rows"
