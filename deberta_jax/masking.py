@@ -14,6 +14,8 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from deberta_jax import vocab_blocks
+
 
 class MaskedBatch(NamedTuple):
   input_ids: jax.Array   # [B, L] with [MASK] at the selected positions
@@ -56,26 +58,32 @@ def mask_tokens(rng: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
 
 
 def sample_replacements(rng: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:
+  """One categorical sample per row of `logits` [..., V] from softmax(logits / T), no gradient.
+
+  The flat-vocabulary form of `sample_from_blocks` (same draw for the same key and logits).
+  """
+  return sample_from_blocks(rng, vocab_blocks.to_blocks(logits, vocab_blocks.NEVER), temperature)
+
+
+def sample_from_blocks(rng: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:
   """One categorical sample per masked slot from softmax(logits / T), with no gradient.
 
+  `logits` are [..., blocks, VOCAB_BLOCK] (vocab_blocks.py); returns vocabulary ids [...].
   Sampling (not argmax) over the full vocabulary, as the official code does; padded vocabulary
-  rows carry the float32 minimum as logit and are never drawn.
+  entries carry the float32 minimum as logit and are never drawn.
 
   Inverse-CDF sampling with one uniform per slot, instead of jax.random.categorical's Gumbel-max,
   which draws a random number and two logarithms for every (slot, vocabulary entry): over a
   128k vocabulary that noise was the costliest part of the step outside the networks on CPU.
-  Here the per-entry work is one exp, as in a softmax. The cumulative sums are two-level (blocks
-  of `_CDF_BLOCK` entries) and taken as triangular matmuls at full float32 precision, so no
-  long sequential scan is needed on any backend.
+  Here the per-entry work is one exp, as in a softmax. The cumulative sums are two-level (over
+  the blocks, then inside the chosen one) and taken as triangular matmuls at full float32
+  precision, so no long sequential scan is needed on any backend.
   """
   logits = jax.lax.stop_gradient(logits).astype(jnp.float32) / temperature
-  *lead, vocab = logits.shape
-  block = min(_CDF_BLOCK, vocab)
-  blocks = -(-vocab // block)
-  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # max entry: weight 1
-  weights = jnp.pad(weights, [(0, 0)] * len(lead) + [(0, blocks * block - vocab)])
-  weights = weights.reshape(*lead, blocks, block)
-  block_mass = weights.sum(-1)                                          # [..., blocks]
+  *lead, _, block = logits.shape
+  top = jnp.max(logits, axis=(-2, -1), keepdims=True)
+  weights = jnp.exp(logits - top)                                   # max entry: weight 1
+  block_mass = weights.sum(-1)                                      # [..., blocks]
   block_cdf = _inclusive_cumsum(block_mass)
   target = jax.random.uniform(rng, tuple(lead), jnp.float32) * block_cdf[..., -1]
   # The chosen entry is the first whose inclusive CDF exceeds the target. Counting instead of
@@ -84,16 +92,16 @@ def sample_replacements(rng: jax.Array, logits: jax.Array, temperature: float) -
   last_block = _last_positive(block_mass)
   chosen_block = jnp.minimum(jnp.sum(block_cdf <= target[..., None], -1), last_block)
   below = jnp.take_along_axis(block_cdf - block_mass, chosen_block[..., None], -1)[..., 0]
-  inside = jnp.take_along_axis(weights, chosen_block[..., None, None], -2)[..., 0, :]
+  # The chosen block's weights as a masked sum over blocks, not a gather: a gather made XLA copy
+  # the whole [.., blocks, block] array into another TPU layout first (1.26 GB at base).
+  is_chosen = jnp.arange(weights.shape[-2])[:, None] == chosen_block[..., None, None]
+  inside = jnp.sum(jnp.where(is_chosen, weights, 0.0), axis=-2)
   inside_cdf = _inclusive_cumsum(inside)
   # Clamped at 0: rounding may put the target a hair below the block's start, and a target of 0
   # still skips the block's leading zero-weight entries (their CDF is 0 too).
   within = jnp.maximum(target - below, 0.0)
   offset = jnp.minimum(jnp.sum(inside_cdf <= within[..., None], -1), _last_positive(inside))
   return (chosen_block * block + offset).astype(jnp.int32)
-
-
-_CDF_BLOCK = 256
 
 
 def _inclusive_cumsum(x: jax.Array) -> jax.Array:

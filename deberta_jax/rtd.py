@@ -65,9 +65,10 @@ class RTDModel:
 
   def generator_logits(self, generator_params, input_ids, attention_mask, positions, rng,
                        deterministic: bool = False):
+    """[B, K, V / VOCAB_BLOCK, VOCAB_BLOCK] float32 at the masked `positions` (vocab_blocks.py)."""
     rngs = None if deterministic else {"dropout": rng}
     return self.generator.apply({"params": generator_params}, input_ids, attention_mask,
-                                deterministic, positions, rngs=rngs)
+                                deterministic, positions, True, rngs=rngs)
 
   def discriminator_logits(self, params, input_ids, attention_mask, rng,
                            deterministic: bool = False):

@@ -109,7 +109,7 @@ def _row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
 
 def _sample(key, rows, logits, temperature):
   """Per-row sampling keys: the draw for a sequence does not depend on the micro-batch split."""
-  return jax.vmap(lambda k, l: masking.sample_replacements(k, l, temperature))(
+  return jax.vmap(lambda k, l: masking.sample_from_blocks(k, l, temperature))(
       _row_keys(key, rows), logits)
 
 

@@ -18,6 +18,14 @@ MESHES = {
     "d2f2t2": dict(data=2, fsdp=2, tensor=2),
 }
 KEYS = ("mlm_loss", "rtd_loss", "generator_grad_norm", "discriminator_grad_norm")
+# Float noise between meshes (reduction order, ~1e-7) is amplified only where a number depends on
+# the sampled replacements: a draw whose uniform falls within that noise of a CDF boundary
+# (roughly vocabulary x 1e-7: ~2e-4 of draws at tiny's 2,048) picks the neighbouring token, and the
+# discriminator then sees one different input token (session 8: 1.2e-5 in rtd_loss and 9e-5 in
+# its gradient norm at step 8, every other number within 4e-7). The generator's numbers do not
+# depend on the draws and keep the tight bound.
+RTOL = {"mlm_loss": 1e-5, "generator_grad_norm": 1e-5, "rtd_loss": 1e-3,
+        "discriminator_grad_norm": 1e-3}
 
 
 def _config(cache_dir, num_devices, mesh, **extra):
@@ -50,7 +58,7 @@ def test_mesh_matches_single_device(name, cache_dir, single_device, tmp_path):
   rows = []
   for step in range(1, 6):
     for key in KEYS:
-      np.testing.assert_allclose(sharded[step][key], single_device[step][key], rtol=1e-5,
+      np.testing.assert_allclose(sharded[step][key], single_device[step][key], rtol=RTOL[key],
                                  err_msg=f"{name} {key} step {step}")
     rows.append(f"{step}: {single_device[step]['mlm_loss']:.6f}/{sharded[step]['mlm_loss']:.6f}")
   print(f"mesh {name} mlm_loss (1 device / mesh):", ", ".join(rows))
@@ -84,7 +92,7 @@ def test_checkpoint_restores_onto_another_mesh(cache_dir, single_device, tmp_pat
   a, b = _losses(straight), _losses(workdir)
   for step in (6, 7, 8):
     for key in KEYS:
-      np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-5, err_msg=f"{key}@{step}")
+      np.testing.assert_allclose(b[step][key], a[step][key], rtol=RTOL[key], err_msg=f"{key}@{step}")
 
 
 def test_dry_run_picks_the_largest_micro_batch_that_fits(cache_dir, tmp_path):

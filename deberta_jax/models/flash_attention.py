@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from deberta_jax.models import flash_kernels_gpu
 from deberta_jax.models import flash_kernels_tpu
 from deberta_jax.models.hash_dropout import keep_mask, keep_scale
+from deberta_jax.models.layers import target_platform
 
 __all__ = ["block_size", "default_backend", "fused_attention", "keep_mask", "keep_scale",
            "reference_attention", "relative_operands", "relative_tables", "relative_tables_vjp",
@@ -192,18 +193,6 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 # ----------------------------------------------------------------------------------------------
 # Public entry point
-
-
-def target_platform() -> str:
-  """The platform the traced computation is compiled for: that of the mesh in context
-  (jax.set_mesh), else the default backend.
-
-  The two differ when a step is compiled for devices this process does not run on (the
-  compile-only devices of jax.experimental.topologies): following the default backend there
-  would put the CPU interpreter's version of the kernels into a TPU program.
-  """
-  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-  return getattr(device, "platform", None) or jax.default_backend()
 
 
 def default_backend() -> str:

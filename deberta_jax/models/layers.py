@@ -7,6 +7,7 @@ decides how it is sharded on any mesh; without a mesh the names are inert metada
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -61,6 +62,29 @@ def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) gelu, as torch.nn.functional.gelu; jax's default is the tanh approximation."""
   return jax.nn.gelu(x, approximate=False)
+
+
+def target_platform() -> str:
+  """The platform the traced computation is compiled for: that of the mesh in context
+  (jax.set_mesh), else the default backend.
+
+  The two differ when a step is compiled for devices this process does not run on (the
+  compile-only devices of jax.experimental.topologies): following the default backend there
+  would put the CPU interpreter's version of the kernels into a TPU program.
+  """
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return getattr(device, "platform", None) or jax.default_backend()
+
+
+def shards(name: str) -> int:
+  """Into how many pieces the current mesh and logical rules split an axis called `name` (1
+  outside a mesh). A constraint needs the axis size to be a multiple of it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = nn.logical_to_mesh_axes((name,))[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(dict(mesh.shape)[a] for a in axes)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -33,8 +33,10 @@ class Generator(nn.Module):
     self.encoder = Encoder(self.config)
     self.lm_head = LMHead(self.config)
 
-  def __call__(self, input_ids, attention_mask, deterministic: bool = True, positions=None):
-    """MLM logits [B, L, V] float32, or [B, K, V] at `positions` [B, K] when given.
+  def __call__(self, input_ids, attention_mask, deterministic: bool = True, positions=None,
+               blocked_logits: bool = False):
+    """MLM logits [B, L, V] float32, or [B, K, V] at `positions` [B, K] when given; with
+    `blocked_logits` the last axis is [V / VOCAB_BLOCK, VOCAB_BLOCK] (vocab_blocks.py).
 
     Computing the 128k-way head only at the masked positions (15% of tokens) is what keeps the
     generator cheap at the paper's vocabulary.
@@ -49,7 +51,7 @@ class Generator(nn.Module):
       query = last_layer(keys_values, query, rel_table, mask, deterministic)
     if positions is not None:
       query = jnp.take_along_axis(query, positions[..., None], axis=1)
-    return self.lm_head(query, word_embeddings)
+    return self.lm_head(query, word_embeddings, blocked_logits)
 
 
 class Discriminator(nn.Module):
