@@ -353,16 +353,26 @@ def test_tpu_kernels_keep_tables_and_their_gradients_out_of_hbm():
   (q, k, v, qr, kr), mask = _inputs(length=32)
   width = 2 * 32
 
-  def table_matmuls(backend):
+  def gradient_jaxpr(backend):
     loss = lambda q, k, qr, kr: jnp.sum(fa.fused_attention(q, k, v, qr, kr, mask,
                                                            backend=backend, interpret=True))
-    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, qr, kr).jaxpr
+    return jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, qr, kr).jaxpr
+
+  def table_matmuls(jaxpr):
     touches_table = lambda e: any(getattr(x, "aval", None) is not None and x.aval.ndim == 4
                                   and x.aval.shape[-1] == width for x in e.invars + e.outvars)
     return sum(e.primitive.name == "dot_general" and touches_table(e) for e in jaxpr.eqns)
 
-  assert table_matmuls("mosaic") == 0
-  assert table_matmuls("triton") == 8
+  mosaic = gradient_jaxpr("mosaic")
+  assert table_matmuls(mosaic) == 0
+  assert table_matmuls(gradient_jaxpr("triton")) == 8
+  # The rows' gradients leave the backward kernels already summed over the batch: [n, 2L, d],
+  # not a [B, n, 2L, d] array for XLA to write and reduce.
+  backward = [e for e in mosaic.eqns if e.primitive.name == "pallas_call"
+              and e.params["name"] in ("disentangled_attention_dq_tpu",
+                                       "disentangled_attention_dkv_tpu")]
+  assert len(backward) == 2
+  assert all(e.outvars[-1].aval.shape[::2] == (q.shape[1], q.shape[-1]) for e in backward)
 
 
 def _pallas_calls(jaxpr):

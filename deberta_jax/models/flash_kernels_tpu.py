@@ -15,9 +15,10 @@ No table exists in HBM: a window is the tile's query block (for p2c, its key blo
 two aligned [T, d] blocks of distance rows it spans, a [T, d] x [d, 2T] matmul per table in
 VMEM. That is 8 T^2 d extra MXU FLOPs per tile, against writing two [B, n, L, 2L] tables per
 layer (in the forward pass and again in the backward recomputation) and reading two [T, T]
-halves of both per tile in each of the three kernels. The grid is (batch, head, query block,
-key block) with the last axis sequential ("arbitrary"), as in jax's own Pallas TPU flash
-attention. Tiles are at least 128.
+halves of both per tile in each of the three kernels. The forward grid is (batch, head, query
+block, key block) with the last axis sequential ("arbitrary"), as in jax's own Pallas TPU flash
+attention; the backward grid puts the head first and only it is parallel (see `backward`).
+Tiles are at least 128.
 
 The backward pass is two kernels, as on GPU (dQ and the c2p gradient per query block; dK, dV
 and the p2c gradient per key block). A tile's table gradient is the adjoint of the relative
@@ -34,6 +35,7 @@ on CPU in the Pallas interpreter and compiled by libtpu for a v5p target without
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -86,10 +88,12 @@ def _dot(a, b):
   return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _stream(seed_ref):
+def _stream(seed_ref, batch_axis):
+  """(seed, hash stream of this (batch row, head), unpadded length); the backward kernels' grid
+  has the head first (`backward`), the forward's the batch row."""
   seed = seed_ref[0].astype(jnp.uint32)
-  b = pl.program_id(0) + seed_ref[1]
-  h = pl.program_id(1) + seed_ref[2]
+  b = pl.program_id(batch_axis) + seed_ref[1]
+  h = pl.program_id(1 - batch_axis) + seed_ref[2]
   return seed, b * seed_ref[3] + h, seed_ref[4]
 
 
@@ -172,7 +176,7 @@ def _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_
   dp = _dot_nt(do_ref[...], v_ref[...])
   kept = p
   if rate > 0.0:
-    seed, stream, length = _stream(seed_ref)
+    seed, stream, length = _stream(seed_ref, batch_axis=1)
     rows, cols = _positions(tile, i, j)
     keep = hash_dropout.keep_mask(seed, stream, rows, cols, length, rate)
     kept = jnp.where(keep, p * hash_dropout.keep_scale(rate), 0.0)
@@ -202,7 +206,7 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_h
   p = jnp.exp(s - m_next)
   l_next = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
   if rate > 0.0:
-    seed, stream, length = _stream(seed_ref)
+    seed, stream, length = _stream(seed_ref, batch_axis=0)
     rows, cols = _positions(tile, i, j)
     keep = hash_dropout.keep_mask(seed, stream, rows, cols, length, rate)
     p = jnp.where(keep, p * hash_dropout.keep_scale(rate), 0.0)
@@ -220,8 +224,8 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_h
 def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, kr_grad_rows,
                qr_grad_rows, key_mask_ref, do_ref, lse_ref, delta_ref, dq_ref, dkr_ref,
                dq_scratch, strip_scratch, *, tile, rate):
-  """Query block i over key blocks j: dQ, with the c2p term's share, and this sequence's
-  gradient of the key-position rows, accumulated over i. Row strip i of the c2p table's
+  """Query block i over key blocks j: dQ, with the c2p term's share, and this head's gradient
+  of the key-position rows, accumulated over the batch and i. Row strip i of the c2p table's
   gradient (distance order: entry (a, (L-1) + i - j) takes the score gradient of exactly one
   pair) is folded into both in VMEM and never written."""
   del qr_grad_rows
@@ -229,7 +233,7 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, kr
   blocks = pl.num_programs(3)
 
   pl.when(j == 0)(lambda: _zero(dq_scratch, strip_scratch))
-  pl.when((i == 0) & (j == 0))(lambda: _zero(dkr_ref))
+  pl.when((pl.program_id(1) == 0) & (i == 0) & (j == 0))(lambda: _zero(dkr_ref))
 
   _, ds = _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi,
                                    key_mask_ref, do_ref, lse_ref, delta_ref, i, j, tile, rate)
@@ -246,15 +250,15 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, kr
 def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, kr_grad_rows,
                 qr_grad_rows, key_mask_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dqr_ref,
                 dk_scratch, dv_scratch, strip_scratch, *, tile, rate):
-  """Key block j over query blocks i: dK, with the p2c term's share, dV, and this sequence's
-  gradient of the query-position rows, accumulated over j. Row strip j of the p2c table's
+  """Key block j over query blocks i: dK, with the p2c term's share, dV, and this head's
+  gradient of the query-position rows, accumulated over the batch and j. Row strip j of the p2c table's
   gradient (reversed distance order) is folded into both in VMEM and never written."""
   del kr_grad_rows
   j, i = pl.program_id(2), pl.program_id(3)
   blocks = pl.num_programs(3)
 
   pl.when(i == 0)(lambda: _zero(dk_scratch, dv_scratch, strip_scratch))
-  pl.when((j == 0) & (i == 0))(lambda: _zero(dqr_ref))
+  pl.when((pl.program_id(1) == 0) & (j == 0) & (i == 0))(lambda: _zero(dqr_ref))
 
   kept, ds = _kept_and_score_gradient(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo,
                                       p2c_hi, key_mask_ref, do_ref, lse_ref, delta_ref, i, j,
@@ -322,6 +326,14 @@ def _smem():
   return pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
+def _head_first(spec):
+  """`spec` on the backward kernels' (head, batch, x, y) grid; index maps are written for
+  (batch, head, x, y) like the forward's."""
+  if spec.index_map is None:
+    return spec
+  return dataclasses.replace(spec, index_map=lambda h, b, x, y: spec.index_map(b, h, x, y))
+
+
 def kernel_costs(batch, heads, length, head_dim, tile, width, dtype):
   """{'forward' | 'dq' | 'dkv': pl.CostEstimate}: what each kernel executes and moves.
 
@@ -335,6 +347,7 @@ def kernel_costs(batch, heads, length, head_dim, tile, width, dtype):
   strips into dQ or dK and the rows' gradient (8 A d). One exp per score entry in each kernel.
   Bytes follow the pipeline: a block whose index does not change along the sequential axes is
   fetched once, the others once per step; each tile reads four [T, d] blocks of distance rows.
+  The backward kernels read the [2L, d] rows and write the rows' gradient once per head.
   """
   pairs = batch * heads
   blocks = length // tile
@@ -342,7 +355,8 @@ def kernel_costs(batch, heads, length, head_dim, tile, width, dtype):
   itemsize = jnp.dtype(dtype).itemsize
   rows = length * head_dim * itemsize                      # one q/k/v-shaped operand, one (b, h)
   windows = blocks * blocks * 4 * tile * head_dim * itemsize
-  all_rows = 2 * width * head_dim * itemsize + width * head_dim * 4   # both read, one written
+  # Both rows read, one gradient written: once per head, so per (b, h) a batch's share.
+  all_rows = (2 * width * head_dim * itemsize + width * head_dim * 4) / batch
   stats = length * _LANES * 4                              # lse or delta, broadcast over lanes
   scores = 10 * area * head_dim
   backward_extra = 2 * area * tile + 8 * area * head_dim
@@ -405,9 +419,11 @@ def backward(seed, q, k, v, kr_rows, qr_rows, kr_grad_rows, qr_grad_rows, mask, 
   from the log-sum-exp, as on GPU: one per query block accumulates dQ and its row strip of the
   c2p table's gradient over the key blocks, one per key block dK, dV and its strip of the p2c
   table's gradient over the query blocks. A strip lives in VMEM until its last tile is added;
-  then the kernel multiplies it into the rows' gradient (accumulated over the tile rows of one
-  sequence, so the third grid axis is sequential too) and into dQ or dK. No table gradient
-  reaches HBM.
+  then the kernel multiplies it into dQ or dK and into the rows' gradient. That gradient is
+  accumulated in VMEM over the whole batch, so the grid is (head, batch, x, y) with only the
+  head axis parallel: one [n, 2L, d] result instead of a [B, n, 2L, d] one for XLA to sum
+  (2 x 96 MiB written and read back per layer pass at base, 32 sequences per chip). No table
+  gradient reaches HBM.
   """
   batch, heads, length, head_dim = q.shape
   blocks = length // tile
@@ -422,20 +438,23 @@ def backward(seed, q, k, v, kr_rows, qr_rows, kr_grad_rows, qr_grad_rows, mask, 
   def in_specs(query_axis, key_axis):
     row = lambda axis: _row_block(tile, head_dim, axis)
     stat = _stat_column(tile, query_axis)
-    return [_smem(), row(query_axis), row(key_axis), row(key_axis),
-            *_window_halves(tile, head_dim, blocks, "c2p", query_axis),
-            *_window_halves(tile, head_dim, blocks, "p2c", query_axis), all_rows, all_rows,
-            pl.BlockSpec((None, 1, tile), _key_mask_index(key_axis)), row(query_axis), stat, stat]
+    return [_head_first(spec) for spec in (
+        _smem(), row(query_axis), row(key_axis), row(key_axis),
+        *_window_halves(tile, head_dim, blocks, "c2p", query_axis),
+        *_window_halves(tile, head_dim, blocks, "p2c", query_axis), all_rows, all_rows,
+        pl.BlockSpec((None, 1, tile), _key_mask_index(key_axis)), row(query_axis), stat, stat)]
 
-  rows_grad = pl.BlockSpec((None, None, width, head_dim), lambda b, h, x, y: (b, h, 0, 0))
-  rows_grad_shape = jax.ShapeDtypeStruct((batch, heads, width, head_dim), jnp.float32)
+  row_out = _head_first(_row_block(tile, head_dim, 2))
+  rows_grad = _head_first(pl.BlockSpec((None, width, head_dim), lambda b, h, x, y: (h, 0, 0)))
+  rows_grad_shape = jax.ShapeDtypeStruct((heads, width, head_dim), jnp.float32)
   strip_scratch = pltpu.VMEM((width // tile, tile, tile), jnp.float32)
-  sequential = ("parallel", "parallel", "arbitrary", "arbitrary")
+  sequential = ("parallel", "arbitrary", "arbitrary", "arbitrary")
+  grid = (heads, batch, blocks, blocks)
   dq, dkr = pl.pallas_call(
       functools.partial(_dq_kernel, tile=tile, rate=rate),
-      grid=(batch, heads, blocks, blocks),
+      grid=grid,
       in_specs=in_specs(2, 3),
-      out_specs=[_row_block(tile, head_dim, 2), rows_grad],
+      out_specs=[row_out, rows_grad],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), rows_grad_shape],
       scratch_shapes=[pltpu.VMEM((tile, head_dim), jnp.float32), strip_scratch],
       compiler_params=_params(len(operands), broadcasts=2, semantics=sequential),
@@ -445,9 +464,9 @@ def backward(seed, q, k, v, kr_rows, qr_rows, kr_grad_rows, qr_grad_rows, mask, 
   )(*operands)
   dk, dv, dqr = pl.pallas_call(
       functools.partial(_dkv_kernel, tile=tile, rate=rate),
-      grid=(batch, heads, blocks, blocks),
+      grid=grid,
       in_specs=in_specs(3, 2),
-      out_specs=[_row_block(tile, head_dim, 2), _row_block(tile, head_dim, 2), rows_grad],
+      out_specs=[row_out, row_out, rows_grad],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                  rows_grad_shape],
       scratch_shapes=[pltpu.VMEM((tile, head_dim), jnp.float32),
@@ -457,4 +476,4 @@ def backward(seed, q, k, v, kr_rows, qr_rows, kr_grad_rows, qr_grad_rows, mask, 
       interpret=interpret,
       name="disentangled_attention_dkv_tpu",
   )(*operands)
-  return dq, dk, dv, jnp.sum(dkr, axis=0), jnp.sum(dqr, axis=0)
+  return dq, dk, dv, dkr, dqr
