@@ -92,7 +92,8 @@ def test_checkpoint_restores_onto_another_mesh(cache_dir, single_device, tmp_pat
   a, b = _losses(straight), _losses(workdir)
   for step in (6, 7, 8):
     for key in KEYS:
-      np.testing.assert_allclose(b[step][key], a[step][key], rtol=RTOL[key], err_msg=f"{key}@{step}")
+      np.testing.assert_allclose(b[step][key], a[step][key], rtol=RTOL[key],
+                                 err_msg=f"{key}@{step}")
 
 
 def test_dry_run_picks_the_largest_micro_batch_that_fits(cache_dir, tmp_path):

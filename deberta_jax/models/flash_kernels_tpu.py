@@ -251,8 +251,9 @@ def _dkv_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, k
                 qr_grad_rows, key_mask_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dqr_ref,
                 dk_scratch, dv_scratch, strip_scratch, *, tile, rate):
   """Key block j over query blocks i: dK, with the p2c term's share, dV, and this head's
-  gradient of the query-position rows, accumulated over the batch and j. Row strip j of the p2c table's
-  gradient (reversed distance order) is folded into both in VMEM and never written."""
+  gradient of the query-position rows, accumulated over the batch and j. Row strip j of the
+  p2c table's gradient (reversed distance order) is folded into both in VMEM and never
+  written."""
   del kr_grad_rows
   j, i = pl.program_id(2), pl.program_id(3)
   blocks = pl.num_programs(3)
