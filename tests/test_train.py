@@ -30,15 +30,16 @@ def tiny_config(cache_dir, **overrides):
 
 
 def test_tiny_pretraining_losses_fall(cache_dir, tmp_path):
-  """The README's main job (configs/tiny.py, embedded corpus, 300 steps)."""
+  """The README's main job (configs/tiny.py on the embedded corpus), cut from 300 steps to 100:
+  in the full run the MLM loss is down from 7.57 (step 10) to its ~6.3 plateau by step 50."""
   workdir = str(tmp_path / "run")
-  train.run(tiny_config(cache_dir), workdir)
+  train.run(tiny_config(cache_dir, num_train_steps=100), workdir)
   records = metrics.read_metrics(workdir)
   first, last = records[0], records[-1]
-  print(f"tiny 300 steps: step {first['step']} mlm_loss={first['mlm_loss']:.3f} "
+  print(f"tiny 100 steps: step {first['step']} mlm_loss={first['mlm_loss']:.3f} "
         f"rtd_loss={first['rtd_loss']:.3f} -> step {last['step']} mlm_loss={last['mlm_loss']:.3f} "
         f"rtd_loss={last['rtd_loss']:.3f} rtd_accuracy={last['rtd_accuracy']:.3f}")
-  assert last["step"] == 300
+  assert last["step"] == 100
   assert last["mlm_loss"] < first["mlm_loss"] - 1.0
   assert last["rtd_loss"] < first["rtd_loss"] - 0.1
   assert last["mlm_accuracy"] > first["mlm_accuracy"]
@@ -47,7 +48,7 @@ def test_tiny_pretraining_losses_fall(cache_dir, tmp_path):
               "tokens_per_second"):
     assert key in last, key
   assert os.listdir(os.path.join(workdir, "tensorboard"))
-  assert os.path.exists(os.path.join(workdir, "checkpoints", "300"))
+  assert os.path.exists(os.path.join(workdir, "checkpoints", "100"))
 
 
 def _short(cache_dir, **overrides):
