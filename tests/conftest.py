@@ -32,10 +32,10 @@ def compiled_programs_are_reused(tmp_path_factory):
 
 
 # The test files by their share of the suite's time (seconds on 2 busy cores, 2026-12-01),
-# longest first. CI runs two xdist workers that take one file at a time (--dist loadfile); with
-# pytest.ini's --no-loadscope-reorder they take the files in this order, so the long files start
-# at once and the short ones fill in at the end. (xdist's default order, most tests first, left
-# test_train.py to start last and one worker idle for minutes.) Unlisted files go last.
+# longest first. CI runs two xdist workers that take one file at a time (--dist loadfile), in
+# this order (pytest_configure turns off xdist's own order, most tests first, which started
+# test_train.py last and left one worker idle for minutes): the long files start at once and the
+# short ones fill in at the end. Unlisted files go last.
 LONGEST_FIRST = ("test_train.py",            # ~410 s
                  "test_reliability.py",      # ~340
                  "test_flash_attention.py",  # ~280
@@ -51,3 +51,8 @@ LONGEST_FIRST = ("test_train.py",            # ~410 s
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist present (it is optional)
+    config.option.loadscopereorder = False
