@@ -18,6 +18,7 @@ from flax.linen import meta
 
 from deberta_jax import config_lib
 from deberta_jax.models import Discriminator, Generator, generator_config
+from deberta_jax.models.hash_dropout import RowLayout
 
 DELTA = "gdes_delta"
 
@@ -64,18 +65,22 @@ class RTDModel:
     return jax.lax.stop_gradient(shared) + params["discriminator"][DELTA]["word_embeddings"]
 
   def generator_logits(self, generator_params, input_ids, attention_mask, positions, rng,
-                       deterministic: bool = False):
-    """[B, K, V / VOCAB_BLOCK, VOCAB_BLOCK] float32 at the masked `positions` (vocab_blocks.py)."""
+                       deterministic: bool = False, rows: RowLayout | None = None):
+    """[B, K, V / VOCAB_BLOCK, VOCAB_BLOCK] float32 at the masked `positions` (vocab_blocks.py).
+
+    `rows`: where these rows sit in the step's global batch, so that their dropout masks do not
+    depend on how the batch was split into micro-batches (hash_dropout.RowLayout).
+    """
     rngs = None if deterministic else {"dropout": rng}
     return self.generator.apply({"params": generator_params}, input_ids, attention_mask,
-                                deterministic, positions, True, rngs=rngs)
+                                deterministic, positions, True, rows, rngs=rngs)
 
   def discriminator_logits(self, params, input_ids, attention_mask, rng,
-                           deterministic: bool = False):
+                           deterministic: bool = False, rows: RowLayout | None = None):
     rngs = None if deterministic else {"dropout": rng}
     return self.discriminator.apply({"params": params["discriminator"]}, input_ids,
                                     attention_mask, deterministic, self.discriminator_table(params),
-                                    rngs=rngs)
+                                    rows, rngs=rngs)
 
   def export_discriminator_params(self, params: dict) -> dict:
     """The discriminator as a standalone network: E_D materialised (E_G + E_delta under GDES)."""

@@ -5,8 +5,11 @@ discriminator on lambda * L_RTD over the replaced batch, with E_D formed from th
 Joint (ES, Fig. 1a): one backward of L_MLM + lambda * L_RTD through both networks.
 
 The global batch may be split into micro-batches (gradient accumulation). Losses are sums divided
-by the token counts of the whole global batch, and every random draw is keyed by the global row
-index, so any split gives the gradient of one big batch.
+by the token counts of the whole global batch, and every random draw is a function of the global
+row, never of the split: masking runs on the whole batch, each row's sample has its own key, and
+each dropout site draws one seed per step that every micro-batch shares, its masks hashed with the
+row's global index (hash_dropout.RowLayout). Any split, and any mesh, gives the gradient of one
+big batch, dropout included.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from deberta_jax import config_lib
 from deberta_jax import losses
 from deberta_jax import masking
 from deberta_jax import optim
+from deberta_jax.models.hash_dropout import RowLayout
 from deberta_jax.rtd import RTDModel
 
 
@@ -81,23 +85,31 @@ def merge_micro(x: jax.Array) -> jax.Array:
   return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
+def micro_rows(index, num_micro: int) -> RowLayout:
+  """Micro-batch `index` of `num_micro` holds global rows index, index + M, ... (split_micro)."""
+  return RowLayout(jnp.asarray(index, jnp.int32), num_micro)
+
+
 def accumulate(loss_fn: Callable, params, inputs: dict, num_micro: int):
   """Sum of gradients and aux outputs of loss_fn over micro-batches (lax.scan when M > 1).
 
-  loss_fn(params, micro_inputs) -> (loss, (sums: dict of scalars, outputs: dict of [b, ...])).
+  loss_fn(params, micro_inputs, rows: RowLayout) -> (loss, (sums: dict of scalars, outputs:
+  dict of [b, ...])); `rows` says which global rows the micro-batch holds.
   """
   grad_fn = jax.grad(loss_fn, has_aux=True)
   micro = jax.tree.map(lambda x: split_micro(x, num_micro), inputs)
   if num_micro == 1:
-    grads, (sums, outputs) = grad_fn(params, jax.tree.map(lambda x: x[0], micro))
+    grads, (sums, outputs) = grad_fn(params, jax.tree.map(lambda x: x[0], micro),
+                                     micro_rows(0, 1))
     return grads, sums, outputs
 
-  def body(grad_sum, one):
-    grads, (sums, outputs) = grad_fn(params, one)
+  def body(grad_sum, indexed):
+    index, one = indexed
+    grads, (sums, outputs) = grad_fn(params, one, micro_rows(index, num_micro))
     return jax.tree.map(jnp.add, grad_sum, grads), (sums, outputs)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, (sums, outputs) = jax.lax.scan(body, zeros, micro)
+  grads, (sums, outputs) = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
   sums = jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)
   outputs = jax.tree.map(merge_micro, outputs)
   return grads, sums, outputs
@@ -116,17 +128,19 @@ def _sample(key, rows, logits, temperature):
 # ------------------------------------------------------------------------------------- losses
 
 def rtd_loss(model: RTDModel, params, replaced_ids, is_replaced, attention_mask, rng,
-             rtd_count, rtd_lambda: float, deterministic: bool = False):
+             rtd_count, rtd_lambda: float, deterministic: bool = False,
+             rows: RowLayout | None = None):
   """lambda * mean BCE of the discriminator over non-pad tokens of the global batch."""
-  logits = model.discriminator_logits(params, replaced_ids, attention_mask, rng, deterministic)
+  logits = model.discriminator_logits(params, replaced_ids, attention_mask, rng, deterministic,
+                                      rows)
   sums = losses.rtd_sums(logits, is_replaced, attention_mask)
   return rtd_lambda * sums["rtd_loss_sum"] / rtd_count, sums
 
 
 def mlm_loss(model: RTDModel, generator_params, masked_ids, attention_mask, positions, labels,
-             weights, rng, mlm_count, deterministic: bool = False):
+             weights, rng, mlm_count, deterministic: bool = False, rows: RowLayout | None = None):
   logits = model.generator_logits(generator_params, masked_ids, attention_mask, positions, rng,
-                                  deterministic)
+                                  deterministic, rows)
   sums = losses.mlm_sums(logits, labels, weights)
   return sums["mlm_loss_sum"] / mlm_count, (sums, logits)
 
@@ -155,22 +169,18 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
                                  mask_prob)
     inputs = dict(ids=ids, attention_mask=attention, masked_ids=masked.input_ids,
                   positions=masked.positions, labels=masked.labels, weights=masked.weights,
-                  rows=jnp.arange(ids.shape[0]),
-                  micro=jnp.repeat(jnp.arange(num_micro), ids.shape[0] // num_micro))
+                  rows=jnp.arange(ids.shape[0]))
     counts = (jnp.maximum(masked.weights.sum(), 1.0),
               jnp.maximum(attention.astype(jnp.float32).sum(), 1.0))
     return inputs, counts, (k_gen, k_sample, k_disc)
 
-  def dropout_key(key, micro):
-    return jax.random.fold_in(key, micro[0])
-
   def two_stage_step(state, batch):
     inputs, (mlm_count, rtd_count), (k_gen, k_sample, k_disc) = prepare(state, batch)
 
-    def generator_loss(gen_params, mb):
+    def generator_loss(gen_params, mb, rows):
       loss, (sums, logits) = mlm_loss(
           model, gen_params, mb["masked_ids"], mb["attention_mask"], mb["positions"],
-          mb["labels"], mb["weights"], dropout_key(k_gen, mb["micro"]), mlm_count, deterministic)
+          mb["labels"], mb["weights"], k_gen, mlm_count, deterministic, rows)
       return loss, (sums, {"sampled": _sample(k_sample, mb["rows"], logits, temperature)})
 
     gen_params = state.params["generator"]
@@ -185,13 +195,13 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
     replaced, is_replaced = masking.replace_tokens(
         inputs["ids"], inputs["positions"], inputs["weights"], outputs["sampled"])
     disc_inputs = dict(replaced=replaced, is_replaced=is_replaced,
-                       attention_mask=inputs["attention_mask"], micro=inputs["micro"])
+                       attention_mask=inputs["attention_mask"])
 
-    def discriminator_loss(disc_params, mb):
+    def discriminator_loss(disc_params, mb, rows):
       params = {"generator": gen_params, "discriminator": disc_params}
       loss, sums = rtd_loss(model, params, mb["replaced"], mb["is_replaced"],
-                            mb["attention_mask"], dropout_key(k_disc, mb["micro"]), rtd_count,
-                            rtd_lambda, deterministic)
+                            mb["attention_mask"], k_disc, rtd_count, rtd_lambda, deterministic,
+                            rows)
       return loss, (sums, {})
 
     disc_params = state.params["discriminator"]
@@ -215,16 +225,15 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
   def joint_step(state, batch):
     inputs, (mlm_count, rtd_count), (k_gen, k_sample, k_disc) = prepare(state, batch)
 
-    def joint_loss(params, mb):
+    def joint_loss(params, mb, rows):
       gen_loss, (gen_sums, logits) = mlm_loss(
           model, params["generator"], mb["masked_ids"], mb["attention_mask"], mb["positions"],
-          mb["labels"], mb["weights"], dropout_key(k_gen, mb["micro"]), mlm_count, deterministic)
+          mb["labels"], mb["weights"], k_gen, mlm_count, deterministic, rows)
       sampled = _sample(k_sample, mb["rows"], logits, temperature)
       replaced, is_replaced = masking.replace_tokens(mb["ids"], mb["positions"], mb["weights"],
                                                      sampled)
       disc_loss, disc_sums = rtd_loss(model, params, replaced, is_replaced, mb["attention_mask"],
-                                      dropout_key(k_disc, mb["micro"]), rtd_count, rtd_lambda,
-                                      deterministic)
+                                      k_disc, rtd_count, rtd_lambda, deterministic, rows)
       return gen_loss + disc_loss, ({**gen_sums, **disc_sums}, {})
 
     grads, sums, _ = accumulate(joint_loss, state.params, inputs, num_micro)

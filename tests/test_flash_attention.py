@@ -152,16 +152,21 @@ def _module_inputs(batch=4, length=24):
   return hidden, rel_table, attention.pair_mask(jnp.asarray(tokens))
 
 
+# Micro-batch 1 of 3: rows 1, 4, 7, ... of the global batch (hash_dropout.RowLayout).
+MICRO_ROWS = hash_dropout.RowLayout(1, 3)
+
+
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_module_flash_equals_skew_and_gather(deterministic):
   """Every attention_impl computes the same layer, with dropout too: the XLA forms draw the
-  kernels' hash mask (hash_dropout.drop_probabilities) from the same RNG draw."""
+  kernels' hash mask (hash_dropout.drop_probabilities) from the same RNG draw, for rows placed
+  anywhere in the global batch (a micro-batch's offset and stride)."""
   hidden, rel_table, mask = _module_inputs()
   skew, flash, gather = (_attention_module(i) for i in ("skew", "flash", "gather"))
   params = skew.init(jax.random.key(0), hidden, hidden, rel_table, mask, True)
   rngs = {"dropout": jax.random.key(5)}
   run = lambda module, p: module.apply(p, hidden, hidden, rel_table, mask, deterministic,
-                                       rngs=rngs)
+                                       MICRO_ROWS, rngs=rngs)
   native = _native(fa.default_backend())
   out_skew = run(skew, params)
   chex.assert_trees_all_close(run(flash, params), out_skew, atol=1e-2 if native else 2e-6)
@@ -179,12 +184,14 @@ def test_drop_probabilities_is_the_kernels_mask():
   """The XLA forms' attention dropout keeps exactly the entries keep_mask keeps for each global
   (batch, head) stream, and scales them by keep_scale."""
   batch, heads, length, seed = 3, 2, 24, jnp.uint32(123)
-  dropped = hash_dropout.drop_probabilities(jnp.ones((batch, heads, length, length)), seed, 0.2)
+  dropped = hash_dropout.drop_probabilities(jnp.ones((batch, heads, length, length)), seed, 0.2,
+                                            rows=MICRO_ROWS)
   rows = jnp.arange(length, dtype=jnp.int32)
   for b in range(batch):
+    global_row = MICRO_ROWS.offset + MICRO_ROWS.stride * b
     for h in range(heads):
-      keep = fa.keep_mask(seed, jnp.int32(b * heads + h), rows[:, None], rows[None, :], length,
-                          0.2)
+      keep = fa.keep_mask(seed, jnp.int32(global_row * heads + h), rows[:, None], rows[None, :],
+                          length, 0.2)
       np.testing.assert_array_equal(np.asarray(dropped[b, h] > 0), np.asarray(keep))
   np.testing.assert_allclose(np.unique(np.asarray(dropped)), [0.0, fa.keep_scale(0.2)],
                              rtol=1e-6)
@@ -194,8 +201,8 @@ def test_drop_probabilities_is_the_kernels_mask():
 def test_sharded_kernels_equal_one_device_with_dropout(backend, monkeypatch):
   """Under a data=2, fsdp=2, tensor=2 mesh each device runs the kernels on its rows and heads
   (shard_map); with dropout on, equal outputs and gradients show that the stream offsets make
-  the shards' masks, forward and backward, the single-device mask. Both kernel sets (the one
-  not native here through the interpreter)."""
+  the shards' masks, forward and backward, the single-device mask, also for a micro-batch's rows
+  (offset and stride). Both kernel sets (the one not native here through the interpreter)."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (CPU runs fake them, see conftest.py)")
   if not _native(backend):
@@ -205,7 +212,7 @@ def test_sharded_kernels_equal_one_device_with_dropout(backend, monkeypatch):
   params = module.init(jax.random.key(0), hidden, hidden, rel_table, mask, True)
   rngs = {"dropout": jax.random.key(5)}
   weights = jax.random.normal(jax.random.key(6), hidden.shape)
-  apply = lambda p, h, r, m: module.apply(p, h, h, r, m, False, rngs=rngs)
+  apply = lambda p, h, r, m: module.apply(p, h, h, r, m, False, MICRO_ROWS, rngs=rngs)
   loss = lambda p, h, r, m: jnp.sum(apply(p, h, r, m) * weights)
   outputs_and_grads = lambda *a: (apply(*a), jax.grad(loss, argnums=(0, 1, 2))(*a))
   one_device = outputs_and_grads(params, hidden, rel_table, mask)

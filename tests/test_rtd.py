@@ -97,15 +97,51 @@ def _state(sharing):
   return config, model, params
 
 
-def _rtd_grads(model, params, batch):
+def _rtd_grads(model, params, batch, sampled_pads=0):
+  """Gradient of the RTD loss; the first `sampled_pads` samples are [PAD] (id 0)."""
   masked = masking.mask_tokens(jax.random.key(2), batch["input_ids"], batch["attention_mask"],
                                TOKENS.never_masked, TOKENS.mask_id, 0.15)
   sampled = jax.random.randint(jax.random.key(3), masked.labels.shape, 4, 2000)
+  sampled = sampled.at[:, :sampled_pads].set(TOKENS.pad_id)
   replaced, is_replaced = masking.replace_tokens(batch["input_ids"], masked.positions,
                                                  masked.weights, sampled)
+  if sampled_pads:  # real (unmasked) positions that now hold [PAD]
+    assert np.sum((np.asarray(replaced) == TOKENS.pad_id) & (batch["attention_mask"] == 1)) > 0
   loss = lambda p: ts.rtd_loss(model, p, replaced, is_replaced, batch["attention_mask"],
                                jax.random.key(4), 100.0, 50.0, deterministic=True)[0]
   return jax.grad(loss)(params)
+
+
+# The table each mode's discriminator reads its word embedding from.
+DISCRIMINATOR_TABLE = {"gdes": ("discriminator", DELTA, "word_embeddings"),
+                       "es": ("generator", "embeddings", "word_embeddings"),
+                       "nes": ("discriminator", "embeddings", "word_embeddings")}
+
+
+@pytest.mark.parametrize("sharing", ["gdes", "es", "nes"])
+def test_sampled_pad_replacements_leave_the_pad_row_untrained(sharing):
+  """As the official embedding's padding_idx: a [PAD] drawn as a replacement is looked up but its
+  row gets no gradient (E_delta, E_G or E_D), while the other replaced rows do."""
+  _, model, params = _state(sharing)
+  grads = _rtd_grads(model, params, _batch(), sampled_pads=2)
+  table = grads
+  for key in DISCRIMINATOR_TABLE[sharing]:
+    table = table[key]
+  table = np.asarray(table)
+  np.testing.assert_array_equal(table[TOKENS.pad_id], 0.0)
+  assert np.count_nonzero(np.abs(table).sum(axis=1)) > 10
+
+
+def test_pad_lookup_passes_no_gradient():
+  """The lookup every table goes through (E_G in the generator, E_D, and E_G + E_delta)."""
+  from deberta_jax.models.encoder import lookup  # pylint: disable=import-outside-toplevel
+  table = jax.random.normal(jax.random.key(0), (6, 3))
+  ids = jnp.array([[1, 0, 2], [0, 5, 0]])
+  rows, pullback = jax.vjp(lambda t: lookup(t, ids, 0), table)
+  chex.assert_trees_all_equal(rows, table[ids])  # the forward still reads the [PAD] row
+  (grad,) = pullback(jnp.ones_like(rows))
+  np.testing.assert_array_equal(grad[0], 0.0)
+  np.testing.assert_array_equal(np.asarray(grad)[[1, 2, 5]], 1.0)
 
 
 def _nonzero(tree):
@@ -181,15 +217,42 @@ def test_gdes_discriminator_update_uses_the_updated_generator_embedding():
 
 @pytest.mark.parametrize("sharing", ["gdes", "es"])
 def test_gradient_accumulation_equals_one_batch(sharing):
-  config = _config(sharing, **{"model.hidden_dropout": 0.0, "model.attention_dropout": 0.0})
+  """With every dropout on (0.1): 1, 2 and 4 micro-batches give the same step, since a row's
+  dropout masks follow its global row, not its place in a micro-batch."""
+  config = _config(sharing)
+  assert config.model.hidden_dropout > 0 and config.model.attention_dropout > 0
   model = RTDModel(config)
   optimizers = ts.make_optimizers(config)
   state = meta.unbox(ts.init_state(model, optimizers, config, jax.random.key(0)))
   batch = _batch(pad_from=20)
   one, m1 = jax.jit(ts.make_train_step(model, optimizers, config, TOKENS, 1))(state, batch)
-  four, m4 = jax.jit(ts.make_train_step(model, optimizers, config, TOKENS, 4))(state, batch)
-  chex.assert_trees_all_close(m1, m4, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(one.params, four.params, rtol=1e-5, atol=1e-6)
+  for num_micro in (2, 4):
+    many, m = jax.jit(ts.make_train_step(model, optimizers, config, TOKENS, num_micro))(state,
+                                                                                        batch)
+    chex.assert_trees_all_close(m1, m, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(one.params, many.params, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_draw_different_dropout_masks():
+  """Eight copies of one sequence through the discriminator with dropout on, run as the step
+  runs 4 micro-batches (micro-batch i = rows i, i+4): all eight outputs differ (each row has its
+  own masks), and put back in order they are the one-batch output."""
+  config = _config("nes")
+  model = RTDModel(config)
+  params = meta.unbox(model.init(jax.random.key(0), config.seq_len))
+  batch = _batch()
+  ids = np.repeat(batch["input_ids"][:1], 8, axis=0)
+  mask = np.ones_like(ids)
+  key = jax.random.key(5)
+  logits = jax.jit(lambda i, m, rows: model.discriminator_logits(params, i, m, key, False, rows))
+  whole = np.asarray(logits(ids, mask, ts.micro_rows(0, 1)))
+  micro = [np.asarray(logits(ids[i::4], mask[i::4], ts.micro_rows(i, 4))) for i in range(4)]
+  merged = np.asarray(ts.merge_micro(jnp.stack(micro)))
+  np.testing.assert_allclose(merged, whole, rtol=1e-6, atol=1e-6)
+  distinct = {tuple(np.round(row, 4)) for row in merged}
+  assert len(distinct) == 8, f"{len(distinct)} different dropout draws for 8 rows"
+  deterministic = np.asarray(model.discriminator_logits(params, ids, mask, key, True))
+  assert np.all(deterministic == deterministic[:1])  # the rows differ only by their masks
 
 
 # --------------------------------------------------------------------------------- optimizer

@@ -78,8 +78,11 @@ class DisentangledSelfAttention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, hidden, query, rel_table, mask, deterministic: bool):
+  def __call__(self, hidden, query, rel_table, mask, deterministic: bool,
+               rows: hash_dropout.RowLayout | None = None):
+    """`rows` places the batch in the global batch for the attention-dropout stream."""
     cfg = self.config
+    rows = hash_dropout.RowLayout() if rows is None else rows
     batch, length, _ = hidden.shape
     heads, head = cfg.num_heads, cfg.head_size
     proj = lambda name: layers.dense(cfg, cfg.hidden_size, ("embed", "heads"), name)
@@ -113,7 +116,7 @@ class DisentangledSelfAttention(nn.Module):
               else jnp.zeros((), jnp.uint32))
       token_mask = jnp.diagonal(mask[:, 0], axis1=-2, axis2=-1)  # m_i, from m_i * m_j
       context = fused_context(q_scaled, k, v, qr_scaled, kr, token_mask, rate, seed,
-                              cfg.flash_block)
+                              cfg.flash_block, rows)
       return jnp.swapaxes(context, 1, 2).reshape(batch, length, heads * head)
 
     scores = jnp.einsum("bnqd,bnkd->bnqk", q_scaled, k, preferred_element_type=jnp.float32)
@@ -136,18 +139,22 @@ class DisentangledSelfAttention(nn.Module):
     if not deterministic and cfg.attention_dropout > 0.0:
       # The fused kernels' mask (same RNG draw as the flash branch above), not layers.Dropout.
       seed = jax.random.bits(self.make_rng("dropout"), (), jnp.uint32)
-      probs = hash_dropout.drop_probabilities(probs, seed, cfg.attention_dropout)
+      probs = hash_dropout.drop_probabilities(probs, seed, cfg.attention_dropout, rows=rows)
     context = jnp.einsum("bnqk,bnkd->bqnd", probs.astype(cfg.compute_dtype), v)
     return context.reshape(batch, length, heads * head)
 
 
-def fused_context(q, k, v, qr, kr, token_mask, rate, seed, block=64):
+def fused_context(q, k, v, qr, kr, token_mask, rate, seed, block=64,
+                  rows: hash_dropout.RowLayout | None = None):
   """The fused kernels' context [B, n, L, d], one kernel call per shard under a mesh.
 
   A Pallas call is opaque to XLA's partitioner, which would gather every operand onto each
   device; under shard_map each device runs the kernels on its own batch rows and heads (the
   activations' logical sharding), and its offsets keep the dropout stream global.
   """
+  rows = hash_dropout.RowLayout() if rows is None else rows
+  row_offset = jnp.asarray(rows.offset, jnp.int32)
+  row_stride = jnp.asarray(rows.stride, jnp.int32)
   mesh = jax.sharding.get_abstract_mesh()
   batch_axes, head_axes = nn.logical_to_mesh_axes(("batch", "act_heads"))
 
@@ -160,23 +167,26 @@ def fused_context(q, k, v, qr, kr, token_mask, rate, seed, block=64):
     head_axes = head_axes if divides(head_axes, q.shape[1]) else None
   spec = PartitionSpec(batch_axes, head_axes, None, None)
   total_heads = q.shape[1]
-  call = lambda q, k, v, qr, kr, m, seed, offset=(0, 0): flash_attention.fused_attention(
-      q, k, v, qr, kr, m, dropout_rate=rate, dropout_seed=seed, block=block,
-      stream_offset=offset, total_heads=total_heads)
+  call = lambda q, k, v, qr, kr, m, seed, shard_rows, first_head=0: (
+      flash_attention.fused_attention(
+          q, k, v, qr, kr, m, dropout_rate=rate, dropout_seed=seed, block=block,
+          stream_offset=(shard_rows.offset, first_head), batch_stride=shard_rows.stride,
+          total_heads=total_heads))
   if mesh.empty or (batch_axes is None and head_axes is None):
-    return call(q, k, v, qr, kr, token_mask, seed)
+    return call(q, k, v, qr, kr, token_mask, seed, hash_dropout.RowLayout(row_offset, row_stride))
 
-  def per_shard(q, k, v, qr, kr, m, seed):
-    first_batch = jax.lax.axis_index(batch_axes) * q.shape[0] if batch_axes else 0
+  def per_shard(q, k, v, qr, kr, m, seed, row_offset, row_stride):
+    first_row = jax.lax.axis_index(batch_axes) * q.shape[0] if batch_axes else 0
     first_head = jax.lax.axis_index(head_axes) * q.shape[1] if head_axes else 0
-    return call(q, k, v, qr, kr, m, seed, (first_batch, first_head))
+    shard_rows = hash_dropout.RowLayout(row_offset, row_stride).starting_at(first_row)
+    return call(q, k, v, qr, kr, m, seed, shard_rows, first_head)
 
   relative = PartitionSpec(None, head_axes, None)
   return jax.shard_map(
       per_shard, mesh=mesh, check_vma=False,
       in_specs=(spec, spec, spec, relative, relative, PartitionSpec(batch_axes, None),
-                PartitionSpec()),
-      out_specs=spec)(q, k, v, qr, kr, token_mask, seed)
+                PartitionSpec(), PartitionSpec(), PartitionSpec()),
+      out_specs=spec)(q, k, v, qr, kr, token_mask, seed, row_offset, row_stride)
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:

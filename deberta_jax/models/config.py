@@ -36,6 +36,8 @@ class ModelConfig:
   # Rows of the embedding tables are padded to a multiple of this so the vocabulary axis shards
   # evenly; the padding rows are masked out of every softmax and stripped on export.
   vocab_pad_multiple: int = 128
+  # The [PAD] id: its embedding row is looked up but never learns (the official padding_idx).
+  pad_token_id: int = 0
   # The absolute position table is used only by the generator's Enhanced Mask Decoder; the
   # discriminator and HF encoders (position_biased_input=false) do not have one.
   position_table: bool = True

@@ -14,6 +14,20 @@ from flax.linen import meta
 from deberta_jax.models import attention
 from deberta_jax.models import layers
 from deberta_jax.models.config import ModelConfig
+from deberta_jax.models.hash_dropout import RowLayout
+
+
+def lookup(table: jax.Array, ids: jax.Array, pad_id: int) -> jax.Array:
+  """Rows of `table` at `ids`; the [PAD] row passes no gradient back (torch's padding_idx).
+
+  A sampled [PAD] replacement sits at a real (unmasked) position, so without this the row would
+  learn from the discriminator's loss; the official embedding never updates it. Stopping the
+  gradient at the lookup covers every table the lookup reads: E_G, E_D, and E_delta through
+  stop_gradient(E_G) + E_delta. (The generator's tied LM head still scores [PAD] as a vocabulary
+  entry, as the official head does.)
+  """
+  rows = jnp.take(table, ids, axis=0)
+  return jnp.where((ids == pad_id)[..., None], jax.lax.stop_gradient(rows), rows)
 
 
 class Embeddings(nn.Module):
@@ -27,16 +41,17 @@ class Embeddings(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, deterministic: bool, word_embeddings=None):
+  def __call__(self, input_ids, attention_mask, deterministic: bool, word_embeddings=None,
+               rows: RowLayout | None = None):
     cfg = self.config
     if word_embeddings is None:
       word_embeddings = self.param(
           "word_embeddings", layers.vocab_table_init(cfg, ("vocab", "embed")),
           (cfg.padded_vocab_size, cfg.hidden_size), jnp.float32)
-    x = jnp.take(word_embeddings, input_ids, axis=0).astype(cfg.compute_dtype)
+    x = lookup(word_embeddings, input_ids, cfg.pad_token_id).astype(cfg.compute_dtype)
     x = layers.layer_norm(cfg, "LayerNorm")(x)
     x = x * attention_mask[..., None].astype(x.dtype)
-    x = layers.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    x = layers.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic, rows=rows)
     x = layers.constrain(x, ("batch", "length", "act_embed"))
     positions = None
     if cfg.position_table:
@@ -51,23 +66,25 @@ class Layer(nn.Module):
   """Attention -> (dense, dropout, residual, LN) -> FFN (gelu) -> (dropout, residual, LN).
 
   `query` is the residual stream; it equals `hidden` except in the Enhanced Mask Decoder, where
-  keys and values stay fixed while the query stream is refined.
+  keys and values stay fixed while the query stream is refined. `rows` places the batch in the
+  global batch for the dropout masks (hash_dropout.RowLayout).
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, hidden, query, rel_table, mask, deterministic: bool):
+  def __call__(self, hidden, query, rel_table, mask, deterministic: bool,
+               rows: RowLayout | None = None):
     cfg = self.config
     context = attention.DisentangledSelfAttention(cfg, name="attention")(
-        hidden, query, rel_table, mask, deterministic)
+        hidden, query, rel_table, mask, deterministic, rows)
     out = layers.dense(cfg, cfg.hidden_size, ("heads", "embed"), "attention_output")(context)
-    out = layers.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+    out = layers.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic, rows=rows)
     a = layers.layer_norm(cfg, "attention_LayerNorm")(out + query)
     h = layers.gelu(layers.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(a))
     h = layers.constrain(h, ("batch", "length", "act_mlp"))
     out = layers.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(h)
-    out = layers.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+    out = layers.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic, rows=rows)
     out = layers.layer_norm(cfg, "output_LayerNorm")(out + a)
     return layers.constrain(out, ("batch", "length", "act_embed"))
 
@@ -104,18 +121,19 @@ class Encoder(nn.Module):
   def relative_table(self) -> jax.Array:
     return self.LayerNorm(self.rel_embeddings.astype(self.config.compute_dtype))
 
-  def __call__(self, x, mask, deterministic: bool, num_layers: int | None = None):
+  def __call__(self, x, mask, deterministic: bool, num_layers: int | None = None,
+               rows: RowLayout | None = None):
     """Runs the first `num_layers` layers (all by default); returns the last hidden state (x
     itself for zero layers) and the relative table."""
     rel_table = self.relative_table()
     count = self.config.num_layers if num_layers is None else num_layers
     if self.config.scan_layers and count > 1 and not self.is_initializing():
-      return self._scan(count, x, rel_table, mask, deterministic), rel_table
+      return self._scan(count, x, rel_table, mask, deterministic, rows), rel_table
     for layer in self.layer[:count]:
-      x = layer(x, x, rel_table, mask, deterministic)
+      x = layer(x, x, rel_table, mask, deterministic, rows)
     return x, rel_table
 
-  def _scan(self, count, x, rel_table, mask, deterministic):
+  def _scan(self, count, x, rel_table, mask, deterministic, rows):
     """The first `count` layers as one jax.lax.scan over their stacked parameters.
 
     XLA then compiles one layer body instead of `count` copies, which is what makes deep stacks
@@ -134,7 +152,7 @@ class Encoder(nn.Module):
       layer_params, key = per_layer
       rngs = None if key is None else {"dropout": key}
       hidden = template.apply({"params": layer_params}, hidden, hidden, rel_table, mask,
-                              deterministic, rngs=rngs)
+                              deterministic, rows, rngs=rngs)
       return hidden, None
 
     if cfg.remat != "none":

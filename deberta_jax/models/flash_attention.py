@@ -203,7 +203,7 @@ def default_backend() -> str:
 def fused_attention(q, k, v, qr_by_distance, kr_by_distance, token_mask, *,
                     dropout_rate: float = 0.0, dropout_seed=None, block: int = 64,
                     backend: str | None = None, interpret: bool | None = None,
-                    stream_offset=(0, 0), total_heads=None):
+                    stream_offset=(0, 0), total_heads=None, batch_stride=1):
   """Disentangled attention context [B, n, L, d] with the relative terms added per tile.
 
   q (pre-scaled), k, v: [B, n, L, d]; qr_by_distance (pre-scaled), kr_by_distance: [2L-1, n, d],
@@ -211,8 +211,9 @@ def fused_attention(q, k, v, qr_by_distance, kr_by_distance, token_mask, *,
   dropout_seed: uint32 scalar, required when dropout_rate > 0. Sequences are padded to a
   multiple of the tile (padding is masked). backend: 'triton' | 'mosaic' (default: the target
   platform's, `target_platform`). interpret: run the kernels in Pallas' interpreter (default:
-  when compiling for CPU). stream_offset (first batch row, first head) and total_heads place a
-  shard in the global dropout stream.
+  when compiling for CPU). stream_offset (first batch row, first head), batch_stride (global
+  rows between consecutive local rows) and total_heads place a shard in the global dropout
+  stream (hash_dropout.RowLayout).
   """
   batch, heads, length, head_dim = q.shape
   if dropout_rate > 0.0 and dropout_seed is None:
@@ -241,7 +242,7 @@ def fused_attention(q, k, v, qr_by_distance, kr_by_distance, token_mask, *,
   seed_info = jnp.stack(
       [jax.lax.bitcast_convert_type(jnp.asarray(seed, jnp.uint32), jnp.int32),
        int32(stream_offset[0]), int32(stream_offset[1]), int32(total_heads or heads),
-       int32(length), int32(0), int32(0), int32(0)])
+       int32(length), int32(batch_stride), int32(0), int32(0)])
   out = _fused(seed_info, q, k, v, qr_by_distance, kr_by_distance,
                token_mask.astype(jnp.int32), float(dropout_rate), tile, backend, bool(interpret))
   return out[:, :, :length]

@@ -72,10 +72,11 @@ def _score_tile(q, q_start, k_start, refs, block_q, block_k):
 def _dropout_stream(seed_ref):
   """(seed, global batch * heads + head index, unpadded length) of this program.
 
-  seed_ref = [seed, first batch index, first head index, total heads, unpadded length, 0, 0, 0].
+  seed_ref = [seed, first batch index, first head index, total heads, unpadded length,
+  batch stride, 0, 0]: program b's global batch row is first + stride * b (hash_dropout.RowLayout).
   """
   seed = seed_ref[0].astype(jnp.uint32)
-  b = pl.program_id(0) + seed_ref[1]
+  b = pl.program_id(0) * seed_ref[5] + seed_ref[1]
   h = pl.program_id(1) + seed_ref[2]
   return seed, b * seed_ref[3] + h, seed_ref[4]
 

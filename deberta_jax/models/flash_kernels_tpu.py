@@ -92,7 +92,7 @@ def _stream(seed_ref, batch_axis):
   """(seed, hash stream of this (batch row, head), unpadded length); the backward kernels' grid
   has the head first (`backward`), the forward's the batch row."""
   seed = seed_ref[0].astype(jnp.uint32)
-  b = pl.program_id(batch_axis) + seed_ref[1]
+  b = pl.program_id(batch_axis) * seed_ref[5] + seed_ref[1]  # the global row (RowLayout)
   h = pl.program_id(1 - batch_axis) + seed_ref[2]
   return seed, b * seed_ref[3] + h, seed_ref[4]
 

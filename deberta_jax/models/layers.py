@@ -104,10 +104,12 @@ class Dropout(nn.Module):
   rate: float
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool,
+               rows: hash_dropout.RowLayout | None = None) -> jax.Array:
+    """`rows`: where axis 0's rows sit in the global batch (None: x has no batch axis)."""
     if deterministic or self.rate == 0.0:
       return x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
     seed = jax.random.bits(self.make_rng("dropout"), (), jnp.uint32)
-    return hash_dropout.dropout(x, seed, self.rate)
+    return hash_dropout.dropout(x, seed, self.rate, rows)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from deberta_jax.models import attention
 from deberta_jax.models.config import ModelConfig
 from deberta_jax.models.encoder import Embeddings, Encoder
+from deberta_jax.models.hash_dropout import RowLayout
 from deberta_jax.models.heads import LMHead, RTDHead
 
 
@@ -34,21 +35,23 @@ class Generator(nn.Module):
     self.lm_head = LMHead(self.config)
 
   def __call__(self, input_ids, attention_mask, deterministic: bool = True, positions=None,
-               blocked_logits: bool = False):
+               blocked_logits: bool = False, rows: RowLayout | None = None):
     """MLM logits [B, L, V] float32, or [B, K, V] at `positions` [B, K] when given; with
     `blocked_logits` the last axis is [V / VOCAB_BLOCK, VOCAB_BLOCK] (vocab_blocks.py).
+    `rows` places the batch in the step's global batch for the dropout masks.
 
     Computing the 128k-way head only at the masked positions (15% of tokens) is what keeps the
     generator cheap at the paper's vocabulary.
     """
-    x, absolute, word_embeddings = self.embeddings(input_ids, attention_mask, deterministic)
+    x, absolute, word_embeddings = self.embeddings(input_ids, attention_mask, deterministic,
+                                                   rows=rows)
     mask = attention.pair_mask(attention_mask)
     keys_values, rel_table = self.encoder(x, mask, deterministic,
-                                          num_layers=self.config.num_layers - 1)
+                                          num_layers=self.config.num_layers - 1, rows=rows)
     query = keys_values + absolute[None]
     last_layer = self.encoder.layer[-1]
     for _ in range(2):
-      query = last_layer(keys_values, query, rel_table, mask, deterministic)
+      query = last_layer(keys_values, query, rel_table, mask, deterministic, rows)
     if positions is not None:
       query = jnp.take_along_axis(query, positions[..., None], axis=1)
     return self.lm_head(query, word_embeddings, blocked_logits)
@@ -68,7 +71,8 @@ class Discriminator(nn.Module):
     self.encoder = Encoder(self.config)
     self.mask_predictions = RTDHead(self.config)
 
-  def __call__(self, input_ids, attention_mask, deterministic: bool = True, word_embeddings=None):
-    x, _, _ = self.embeddings(input_ids, attention_mask, deterministic, word_embeddings)
-    hidden, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic)
+  def __call__(self, input_ids, attention_mask, deterministic: bool = True, word_embeddings=None,
+               rows: RowLayout | None = None):
+    x, _, _ = self.embeddings(input_ids, attention_mask, deterministic, word_embeddings, rows)
+    hidden, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic, rows=rows)
     return self.mask_predictions(hidden)
