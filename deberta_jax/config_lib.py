@@ -17,6 +17,22 @@ SHARING_MODES = ("gdes", "es", "nes")
 UPDATE_MODES = ("auto", "two_stage", "joint")
 DATA_SOURCES = ("embedded", "text_files", "tfds")
 
+# The data fields that only one source reads, with the value that leaves them unset (the
+# defaults of configs/common.py; tests/test_reliability.py checks the two agree). Any other
+# value under another source is refused: it names a corpus, or a reading of one, that the run
+# would silently not use.
+SOURCE_FIELDS = {
+    "embedded": {"embedded_max_bytes": 8_000_000},
+    "text_files": {"text_files": "", "split_on_blank_lines": False},
+    "tfds": {"tfds_name": "", "tfds_split": "train", "tfds_text_feature": "text",
+             "tfds_data_dir": ""},
+}
+
+FLOAT16_REFUSED = (
+    "'float16' is refused: its 5 exponent bits flush gradients below 6e-8 to zero and overflow "
+    "above 65504, so it needs dynamic loss scaling, which this trainer does not do; 'bfloat16' "
+    "has float32's range and needs none (use it on GPU and TPU), or 'float32'")
+
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the field."""
@@ -57,8 +73,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(m.vocab_size > 5, "model.vocab_size", "must hold the special tokens")
   _require(m.embedding_sharing in SHARING_MODES, "model.embedding_sharing",
            f"{m.embedding_sharing!r} is not one of {SHARING_MODES}")
-  _require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-           f"{m.dtype!r} is not float32, bfloat16 or float16")
+  _require(m.dtype != "float16", "model.dtype", FLOAT16_REFUSED)
+  _require(m.dtype in ("float32", "bfloat16"), "model.dtype",
+           f"{m.dtype!r} is not float32 or bfloat16")
   _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
            f"{m.attention_impl!r} is not one of {ATTENTION_IMPLS}")
   block = m.get("flash_block", 64)
@@ -78,12 +95,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "embedding; ES is defined with the joint loss")
   o = config.optim
   _require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
-  _require(0 <= o.warmup_steps <= config.num_train_steps, "optim.warmup_steps",
-           "must be in [0, num_train_steps]")
+  _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+  _require(not (o.discriminator_learning_rate > 0 and not two_stage(config)),
+           "optim.discriminator_learning_rate",
+           f"is set ({o.discriminator_learning_rate}), but the joint update "
+           f"(rtd.update_mode={config.rtd.update_mode!r}, model.embedding_sharing="
+           f"{m.embedding_sharing!r}) has one optimizer for both networks, at "
+           f"optim.learning_rate; leave it at -1 or use a two-stage mode")
   _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", "betas must be in [0, 1)")
   _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
   _require(config.data.source in DATA_SOURCES, "data.source",
            f"{config.data.source!r} is not one of {DATA_SOURCES}")
+  for source, fields in SOURCE_FIELDS.items():
+    for field, unset in fields.items():
+      value = config.data.get(field, unset)
+      _require(source == config.data.source or value == unset, f"data.{field}",
+               f"is set ({value!r}) but config.data.source={config.data.source!r} does not read "
+               f"it; only source={source!r} does (--config.data.source={source})")
   _require(config.ckpt.every_steps > 0, "ckpt.every_steps", "must be positive")
   _require(config.ckpt.keep > 0, "ckpt.keep", "must be positive")
   _require(config.ckpt.every_minutes >= 0, "ckpt.every_minutes", "must be >= 0 (0 = off)")
@@ -99,6 +127,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.mesh.per_device_microbatch >= 0, "mesh.per_device_microbatch", "must be >= 0")
   _require(config.mesh.device_memory_gb >= 0, "mesh.device_memory_gb", "must be >= 0 (0 = auto)")
   _require(config.dry_run_devices >= 0, "dry_run_devices", "must be >= 0")
+  _require(config.dry_run or not config.dry_run_devices, "dry_run_devices",
+           f"is set ({config.dry_run_devices}) but config.dry_run is False; it only simulates "
+           f"devices for a dry run (--config.dry_run=True)")
   _require(isinstance(config.get("compilation_cache_dir", "auto"), str), "compilation_cache_dir",
            "must be a path, 'auto' or '' (off)")
   try:
@@ -106,6 +137,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     generator_config(config.model)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
+
+
+def warnings(config: ml_collections.ConfigDict) -> list[str]:
+  """Legitimate but unusual settings, one line each, for the run's log."""
+  notes = []
+  o = config.optim
+  if o.warmup_steps > config.num_train_steps:
+    notes.append(
+        f"config.optim.warmup_steps={o.warmup_steps} exceeds num_train_steps="
+        f"{config.num_train_steps}: the learning rate rises for the whole run and ends at "
+        f"{config.num_train_steps / o.warmup_steps:.0%} of its peak")
+  if config.model.attention_impl != "flash" and config.model.get("flash_block", 64) != 64:
+    notes.append(f"config.model.flash_block={config.model.flash_block} is read only by "
+                 f"attention_impl='flash', not {config.model.attention_impl!r}")
+  if config.nonfinite == "stop" and config.nonfinite_max_skips != 20:
+    notes.append("config.nonfinite_max_skips is read only with nonfinite='skip'")
+  if config.mesh.per_device_microbatch and config.mesh.device_memory_gb:
+    notes.append("config.mesh.device_memory_gb is read only when per_device_microbatch=0 "
+                 "(the automatic micro-batch); the micro-batch is fixed at "
+                 f"{config.mesh.per_device_microbatch}")
+  return notes
 
 
 def discriminator_config(config) -> ModelConfig:

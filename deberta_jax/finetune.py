@@ -89,8 +89,10 @@ def validate(config) -> None:
   require(0 <= config.cls_dropout < 1, "cls_dropout", "must be in [0, 1)")
   require(0 <= config.pooler_dropout < 1, "pooler_dropout", "must be in [0, 1)")
   require(config.backbone_dropout < 1, "backbone_dropout", "must be < 1 (< 0 keeps the model's)")
-  require(config.model_dtype in ("float32", "bfloat16", "float16"), "model_dtype",
-          f"{config.model_dtype!r} is not float32, bfloat16 or float16")
+  from deberta_jax.config_lib import FLOAT16_REFUSED  # pylint: disable=import-outside-toplevel
+  require(config.model_dtype != "float16", "model_dtype", FLOAT16_REFUSED)
+  require(config.model_dtype in ("float32", "bfloat16"), "model_dtype",
+          f"{config.model_dtype!r} is not float32 or bfloat16")
   require(config.attention_impl in ("",) + ATTENTION_IMPLS, "attention_impl",
           f"{config.attention_impl!r} is not '' or one of {ATTENTION_IMPLS}")
   require(config.log_every_steps > 0, "log_every_steps", "must be positive")

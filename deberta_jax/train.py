@@ -133,6 +133,8 @@ def run(config, workdir: str) -> dict:
   # --- 1. Everything checkable is checked before any compute, and before the workdir is touched.
   config_lib.validate(config)
   config_lib.check_backend(config, jax.default_backend())
+  for note in config_lib.warnings(config):
+    logging.warning("%s", note)
   if config.dry_run:
     return dry_run(config)
   check_workdir(config, workdir)

@@ -286,13 +286,72 @@ def test_two_stage_has_separate_optimizer_states():
     ("model.num_heads", 3, "model.num_heads"),
     ("model.embedding_sharing", "shared", "model.embedding_sharing"),
     ("rtd.mask_prob", 1.5, "rtd.mask_prob"),
-    ("optim.warmup_steps", 10**9, "optim.warmup_steps"),
+    ("optim.warmup_steps", -1, "optim.warmup_steps"),
     ("seq_len", 1024, "seq_len"),
     ("data.source", "web", "data.source"),
+    ("model.dtype", "float16", "loss scaling"),
+    ("dry_run_devices", 8, "config.dry_run"),
 ])
 def test_config_validation_names_the_field(field, value, needle):
   with pytest.raises(config_lib.ConfigError, match=needle.replace(".", r"\.")):
     config_lib.validate(_config(**{field: value}))
+
+
+@pytest.mark.parametrize("source,field,value", [
+    ("embedded", "text_files", "/data/*.txt"),
+    ("embedded", "split_on_blank_lines", True),
+    ("text_files", "tfds_name", "wikipedia/20230601.en"),
+    ("text_files", "tfds_data_dir", "/data/tfds"),
+    ("tfds", "embedded_max_bytes", 1000),
+    ("tfds", "text_files", "/data/*.txt"),
+])
+def test_a_data_field_the_source_does_not_read_is_refused(source, field, value):
+  """One line naming both fields: the run must never train on another corpus than the named one."""
+  overrides = {"data.source": source, f"data.{field}": value}
+  if source == "text_files":
+    overrides["data.text_files"] = "/data/*.txt"
+  if source == "tfds":
+    overrides["data.tfds_name"] = "wikipedia/20230601.en"
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(_config(**overrides))
+  message = str(error.value)
+  assert message.startswith(f"config.data.{field}:") and f"config.data.source={source!r}" in message
+  assert "\n" not in message
+
+
+def test_each_source_accepts_its_own_fields():
+  config_lib.validate(_config(**{"data.source": "text_files", "data.text_files": "/d/*.txt",
+                                 "data.split_on_blank_lines": True}))
+  config_lib.validate(_config(**{"data.source": "tfds", "data.tfds_name": "c4/en",
+                                 "data.tfds_split": "validation", "data.tfds_data_dir": "/t"}))
+  config_lib.validate(_config(**{"data.embedded_max_bytes": 1000}))
+
+
+def test_source_fields_unset_values_are_the_config_defaults():
+  from configs import common  # pylint: disable=import-outside-toplevel
+  data = common.base_config().data
+  for fields in config_lib.SOURCE_FIELDS.values():
+    for field, unset in fields.items():
+      assert data[field] == unset, field
+  every = {f for fields in config_lib.SOURCE_FIELDS.values() for f in fields}
+  shared = {"source", "spm_model", "spm_vocab_size", "cache_dir"}  # read by every source
+  assert set(data.keys()) == every | shared
+
+
+def test_discriminator_learning_rate_needs_two_optimizers():
+  config_lib.validate(_config("gdes", **{"optim.discriminator_learning_rate": 1e-4}))
+  with pytest.raises(config_lib.ConfigError, match=r"optim\.discriminator_learning_rate"):
+    config_lib.validate(_config("es", **{"optim.discriminator_learning_rate": 1e-4}))
+
+
+def test_warmup_longer_than_the_run_is_allowed_with_one_warning():
+  config = _config(**{"num_train_steps": 20, "optim.warmup_steps": 30})
+  config_lib.validate(config)
+  notes = config_lib.warnings(config)
+  assert len(notes) == 1 and "optim.warmup_steps=30" in notes[0] and "67%" in notes[0]
+  assert config_lib.warnings(_config()) == []
+  schedule = optim.learning_rate_schedule(1e-3, 30, 20)
+  np.testing.assert_allclose([schedule(s) for s in (0, 15, 20)], [0.0, 5e-4, 2e-3 / 3], rtol=1e-6)
 
 
 def test_es_refuses_two_stage_update():
