@@ -126,10 +126,8 @@ def load_workdir(workdir: str, step: int | None = None):
 
   Restores on one device of this machine whatever mesh trained the run (as `export` does).
   """
-  import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from deberta_jax import checkpointing, sharding, train  # pylint: disable=import-outside-toplevel
-  from deberta_jax import train_step as ts  # pylint: disable=import-outside-toplevel
+  from deberta_jax import checkpointing, train  # pylint: disable=import-outside-toplevel
   from deberta_jax.rtd import RTDModel  # pylint: disable=import-outside-toplevel
 
   if not is_pretraining_workdir(workdir):
@@ -137,21 +135,11 @@ def load_workdir(workdir: str, step: int | None = None):
                        f"'model' section and checkpoints/)")
   with open(os.path.join(workdir, train.CONFIG_FILE)) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  model = RTDModel(config)
-  optimizers = ts.make_optimizers(config)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1,
-                                    keep=1000, async_save=False)
-  try:
-    restored_step, state, _ = ckpt.restore(train.abstract_state(model, optimizers, config, mesh),
-                                           step)
+  try:  # read-only: the run may still be training
+    restored_step, params = checkpointing.load_params(workdir, step)
   except checkpointing.CheckpointError as e:
     raise WorkdirError(str(e)) from e
-  finally:
-    ckpt.close()
-  params = jax.tree.map(np.asarray, jax.device_get(state.params))
-  return config, model, params, int(restored_step)
+  return config, RTDModel(config), params, int(restored_step)
 
 
 def num_pieces_of(workdir: str, config) -> int:

@@ -66,6 +66,12 @@ a plain integer array that any orbax version, and tools that read checkpoints wi
 types, can read, instead of depending on the PRNG-key support that only recent orbax versions
 have. A state that already holds raw key data (uint32, e.g. `TrainState.rng`) needs nothing.
 
+Readers: tools that only read a run (export, analysis, fine-tuning from a pre-training workdir)
+use `committed_steps` and `load_params`, never `Checkpointer`. Creating the orbax manager creates
+the directory and deletes temporary step directories, which in a workdir that is still training
+are the trainer's save in progress; the readers list and read the step directories and nothing
+else.
+
 Nothing happens at import time; the orbax manager is created in `Checkpointer.__init__`.
 """
 
@@ -394,17 +400,89 @@ class Checkpointer:
 
   def _try_restore(self, step: int, target: Any) -> tuple[Any, Any, Exception | None]:
     """Reads one step on this host; (state, meta, None) only if every host read it."""
-    path = self.step_path(step)
-    try:
-      if step not in self.all_steps():
-        raise FileNotFoundError(f"no committed checkpoint for step {step} at {path}")
+    def read(path):
       state = self._state_reader.restore(path / STATE, args=ocp.args.StandardRestore(target))
       meta = self._meta_reader.restore(path / META, args=ocp.args.JsonRestore())
       if not isinstance(meta, dict):
         raise ValueError(f"meta of step {step} is {type(meta).__name__}, not a JSON object")
-    except Exception as e:  # pylint: disable=broad-except
-      _all_processes_agree(False)
-      return None, None, e
-    if not _all_processes_agree(True):
-      return None, None, RuntimeError(f"step {step} could not be read on another host")
-    return state, meta, None
+      return state, meta
+    result, error = _read_everywhere(self.directory, step, self.all_steps(), read)
+    return (None, None, error) if error is not None else (*result, None)
+
+
+# --- reading without a manager ------------------------------------------------------------------
+
+def committed_steps(directory: str | epath.Path) -> list[int]:
+  """Steps with a complete checkpoint in `directory`, ascending; only lists the directory (a
+  missing one has none), so it is safe on a workdir that is still training."""
+  return sorted(int(s) for s in ocp.path.step.checkpoint_steps(epath.Path(directory)))
+
+
+def _read_everywhere(directory: epath.Path, step: int, steps: list[int],
+                     read: Callable[[epath.Path], Any]) -> tuple[Any, Exception | None]:
+  """read(step directory) on this host; (value, None) only if every host read its part."""
+  path = epath.Path(directory) / str(int(step))
+  try:
+    if step not in steps:
+      raise FileNotFoundError(f"no committed checkpoint for step {step} at {path}")
+    value = read(path)
+  except Exception as e:  # pylint: disable=broad-except
+    _all_processes_agree(False)
+    return None, e
+  if not _all_processes_agree(True):
+    return None, RuntimeError(f"step {step} could not be read on another host")
+  return value, None
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
+  """(step, parameters as numpy arrays) of the checkpoint `step` of a training workdir, or of
+  its newest readable one (a damaged newest step is skipped with a warning, as `restore` does).
+
+  Read-only: it lists `workdir/checkpoints` and reads one step's parameters, and never creates,
+  renames or deletes anything there, so it may run beside the trainer. The parameters' shapes come
+  from the checkpoint itself, so neither the model nor the optimizer needs to be rebuilt, and only
+  the `params` subtree is read (not the optimizer moments, twice its size); the mesh that wrote
+  them does not matter.
+
+  Raises:
+    CheckpointError: no complete checkpoint, or `step` (or, with step=None, every step) cannot
+      be read; the message names the directory.
+  """
+  directory = epath.Path(workdir) / "checkpoints"
+  steps = committed_steps(directory)
+  if not steps:
+    raise CheckpointError(f"no checkpoint found in {directory}")
+  host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+
+  def read(path):
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      stored = handler.metadata(path / STATE).tree
+      if not isinstance(stored, dict) or "params" not in stored:
+        raise ValueError(f"{path / STATE} holds no 'params' (not a training state)")
+      target = {"params": jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), stored["params"])}
+      restore_args = jax.tree.map(
+          lambda s: ocp.ArrayRestoreArgs(sharding=host, global_shape=s.shape, dtype=s.dtype),
+          target)
+      restored = handler.restore(path / STATE, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=restore_args, partial_restore=True))
+    finally:
+      handler.close()
+    return jax.tree.map(np.asarray, restored["params"])
+
+  candidates = [int(step)] if step is not None else list(reversed(steps))
+  error = None
+  for i, candidate in enumerate(candidates):
+    params, error = _read_everywhere(directory, candidate, steps, read)
+    if error is None:
+      return candidate, params
+    if step is None:
+      logger.warning("Checkpoint step %d in %s could not be read (%s); %s", candidate, directory,
+                     _describe(error), "trying the previous one" if i + 1 < len(candidates)
+                     else "no older checkpoint is left")
+  if step is not None:
+    raise CheckpointError(f"cannot read checkpoint step {step} in {directory}: "
+                          f"{_describe(error)}") from error
+  raise CheckpointError(f"no readable checkpoint in {directory}: steps {steps} all failed "
+                        f"(incomplete or damaged); last error: {_describe(error)}") from error

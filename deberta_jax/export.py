@@ -27,8 +27,7 @@ def export(workdir: str, out: str, step: int | None = None) -> dict[str, str]:
   """Writes out/{generator,discriminator}; returns their paths."""
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from deberta_jax import checkpointing, hf, sharding, train  # pylint: disable=import-outside-toplevel
-  from deberta_jax import train_step as ts  # pylint: disable=import-outside-toplevel
+  from deberta_jax import checkpointing, hf, train  # pylint: disable=import-outside-toplevel
   from deberta_jax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
   from deberta_jax.rtd import RTDModel  # pylint: disable=import-outside-toplevel
 
@@ -37,17 +36,8 @@ def export(workdir: str, out: str, step: int | None = None) -> dict[str, str]:
     raise hf.CheckpointError(f"{config_path} not found: {workdir} is not a pre-training workdir")
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
   model = RTDModel(config)
-  optimizers = ts.make_optimizers(config)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1000,
-                                    async_save=False)
-  try:
-    _, state, _ = ckpt.restore(train.abstract_state(model, optimizers, config, mesh), step)
-  finally:
-    ckpt.close()
-  params = jax.device_get(state.params)
+  _, params = checkpointing.load_params(workdir, step)  # read-only: the run may still be training
   spm = os.path.join(workdir, train.SPM_FILE)
   spm = spm if os.path.isfile(spm) else None
   mask_id = Tokenizer(spm).mask_id if spm else None

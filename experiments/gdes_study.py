@@ -166,12 +166,8 @@ def finetune_config(task: str, init: str, seed: int):
 def _pretrain(mode: str, seed: int, workdir: str) -> dict:
   from deberta_jax import checkpointing, metrics, train  # pylint: disable=import-outside-toplevel
   config = pretrain_config(mode, seed)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  done = False
-  if os.path.isdir(ckpt_dir):
-    ckpt = checkpointing.Checkpointer(ckpt_dir, every_steps=1, keep=1000, async_save=False)
-    done = ckpt.latest_step() == config.num_train_steps
-    ckpt.close()
+  done = config.num_train_steps in checkpointing.committed_steps(
+      os.path.join(workdir, "checkpoints"))
   start = time.time()
   if not done:
     logging.info("pre-training %s seed %d -> %s", mode, seed, workdir)

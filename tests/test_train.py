@@ -115,6 +115,69 @@ def test_export_loads_in_transformers(resumed_run, tmp_path):
                             params["embeddings"]["word_embeddings"])
 
 
+def _tree_snapshot(root):
+  """Every path under root with its size and modification time."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      path = os.path.join(dirpath, name)
+      stat = os.stat(path)
+      out[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
+def test_readers_leave_a_training_workdir_untouched(resumed_run, tmp_path):
+  """export, analyze (and so finetune and the study, which load through it) read a workdir whose
+  trainer is mid-save: its temporary step directory (what orbax writes before the commit rename)
+  and everything else stay as they were, and the trainer's save then completes."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from deberta_jax import analyze  # pylint: disable=g-import-not-at-top
+  from deberta_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "live")
+  shutil.copytree(resumed_run[1], workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  # A save of step 40 in flight: the newest step's files in a temporary directory, no commit yet.
+  in_flight = os.path.join(checkpoints, "40.orbax-checkpoint-tmp-1700000000000000")
+  shutil.copytree(os.path.join(checkpoints, "30"), in_flight)
+  for dirpath, _, filenames in os.walk(in_flight):
+    for name in filenames:
+      if name == "commit_success.txt":
+        os.remove(os.path.join(dirpath, name))
+  before = _tree_snapshot(workdir)
+  assert checkpointing.committed_steps(checkpoints) == [20, 30]  # ckpt.keep = 2
+
+  export_lib.export(workdir, str(tmp_path / "hf"))
+  _, _, params, step = analyze.load_workdir(workdir)
+  step_20, params_20 = checkpointing.load_params(workdir, 20)
+  assert step == 30 and step_20 == 20
+  assert not np.array_equal(params["generator"]["embeddings"]["word_embeddings"],
+                            params_20["generator"]["embeddings"]["word_embeddings"])
+  assert _tree_snapshot(workdir) == before
+  # The trainer finishes its save: orbax writes the commit file and renames the directory.
+  with open(os.path.join(in_flight, "commit_success.txt"), "w") as f:
+    f.write("done")
+  os.rename(in_flight, os.path.join(checkpoints, "40"))
+  assert checkpointing.committed_steps(checkpoints) == [20, 30, 40]
+  _, params_40 = checkpointing.load_params(workdir)
+  chex.assert_trees_all_equal(params_40, params)  # step 40 holds step 30's arrays here
+
+
+def test_load_params_refuses_missing_and_damaged_checkpoints(resumed_run, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from deberta_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  with pytest.raises(checkpointing.CheckpointError, match="no checkpoint found"):
+    checkpointing.load_params(str(tmp_path / "nothing"))
+  assert not (tmp_path / "nothing").exists()
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(resumed_run[1], workdir)
+  state = os.path.join(workdir, "checkpoints", "30", "state")
+  os.remove(os.path.join(state, "manifest.ocdbt"))
+  with pytest.raises(checkpointing.CheckpointError, match="step 30"):
+    checkpointing.load_params(workdir, 30)
+  step, _ = checkpointing.load_params(workdir)  # the newest readable one
+  assert step == 20
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(cache_dir, tmp_path,
                                                                        monkeypatch):
   monkeypatch.setattr(ts, "make_train_step", poison_from(13))
