@@ -2,7 +2,7 @@
 
 Every field is a scalar so that any of them can be overridden on the command line, e.g.
 `--config.optim.learning_rate=1e-4 --config.mesh.fsdp=8`. Values derived from others (padded
-vocabulary, generator depth, per-device batch) are computed in `deberta_jax.config_lib`, never
+vocabulary, generator depth, per-device batch) are computed in `deberta_jax.config`, never
 stored here.
 """
 
@@ -11,10 +11,10 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.num_train_steps = 500_000
-  c.global_batch_size = 8192
-  c.seq_len = 512
+  c.seed = 0                             # parameter init, masking, sampling and dropout
+  c.num_train_steps = 500_000            # optimizer updates (paper Table 10)
+  c.global_batch_size = 8192             # sequences per update, over all devices and micro-batches
+  c.seq_len = 512                        # tokens per sequence, [CLS] and [SEP] included
   # Compile the training step for the configured mesh, print per-device memory and FLOPs, and
   # exit without training or writing anything.
   c.dry_run = False
@@ -31,23 +31,23 @@ def base_config() -> ml_collections.ConfigDict:
   # checkpoint is kept, nothing after the bad step is saved); 'skip' drops that update, counts it,
   # and goes on, until more than `nonfinite_max_skips` steps have been skipped in this invocation.
   c.nonfinite = "stop"
-  c.nonfinite_max_skips = 20
+  c.nonfinite_max_skips = 20             # with nonfinite='skip': stop after this many skipped steps
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 128100          # embedding rows: 128000 spm pieces + [MASK] + 99 spare
-  c.model.hidden_size = 768
+  c.model.hidden_size = 768              # width H of both networks
   c.model.num_layers = 12              # discriminator depth
   c.model.generator_num_layers = 0     # 0 = half the discriminator depth (the paper's choice)
-  c.model.num_heads = 12
-  c.model.intermediate_size = 3072
-  c.model.max_position_embeddings = 512
-  c.model.position_buckets = 256
-  c.model.max_relative_positions = -1
-  c.model.layer_norm_eps = 1e-7
-  c.model.hidden_dropout = 0.1
-  c.model.attention_dropout = 0.1
-  c.model.initializer_range = 0.02
-  c.model.vocab_pad_multiple = 128
+  c.model.num_heads = 12                 # attention heads; H / heads is the head size
+  c.model.intermediate_size = 3072       # FFN width
+  c.model.max_position_embeddings = 512  # absolute positions (the EMD table); seq_len <= this
+  c.model.position_buckets = 256         # relative-position log buckets k (2k table rows)
+  c.model.max_relative_positions = -1    # -1 = the bucket count decides the clamp distance
+  c.model.layer_norm_eps = 1e-7          # LayerNorm epsilon of the official models
+  c.model.hidden_dropout = 0.1           # embedding, attention-output and FFN-output dropout
+  c.model.attention_dropout = 0.1        # dropout on attention probabilities
+  c.model.initializer_range = 0.02       # std of the N(0, s) initialisation
+  c.model.vocab_pad_multiple = 128       # pad embedding rows to a multiple (even sharding)
   c.model.dtype = "bfloat16"           # compute dtype; parameters and losses stay float32
   c.model.attention_impl = "skew"      # 'skew' (relative shift), 'gather' (reference indexing)
                                        # or 'flash' (fused Pallas kernels, GPU and TPU)
@@ -65,34 +65,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.rtd.update_mode = "auto"
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 6e-4
+  c.optim.learning_rate = 6e-4           # peak rate (both networks unless the next is set)
   c.optim.discriminator_learning_rate = -1.0   # < 0: same as learning_rate
-  c.optim.warmup_steps = 10_000
-  c.optim.end_learning_rate = 0.0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.98
-  c.optim.eps = 1e-6
-  c.optim.weight_decay = 0.01
-  c.optim.clip_norm = 1.0
+  c.optim.warmup_steps = 10_000          # linear warmup from 0; may exceed the run (a warning)
+  c.optim.end_learning_rate = 0.0        # rate at num_train_steps after linear decay
+  c.optim.b1 = 0.9                       # Adam beta1
+  c.optim.b2 = 0.98                      # Adam beta2
+  c.optim.eps = 1e-6                     # Adam epsilon
+  c.optim.weight_decay = 0.01            # decoupled (AdamW); not on biases and LayerNorm
+  c.optim.clip_norm = 1.0                # global gradient-norm clip per network (0 = off)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "embedded"           # 'embedded' | 'text_files' | 'tfds'
   c.data.text_files = ""               # glob, for source='text_files'
   c.data.split_on_blank_lines = False  # one document per blank-line block instead of per file
   c.data.tfds_name = ""                # e.g. 'wikipedia/20230601.en', for source='tfds'
-  c.data.tfds_split = "train"
-  c.data.tfds_text_feature = "text"
-  c.data.tfds_data_dir = ""
+  c.data.tfds_split = "train"            # for source='tfds'
+  c.data.tfds_text_feature = "text"      # for source='tfds': the feature holding the text
+  c.data.tfds_data_dir = ""              # for source='tfds': tfds data_dir ('' = tfds' default)
   c.data.spm_model = ""                # '' = train one on the corpus (cached)
-  c.data.spm_vocab_size = 128000
+  c.data.spm_vocab_size = 128000         # pieces of the spm model trained when spm_model=''
   c.data.cache_dir = ""                # '' = $DEBERTA_JAX_CACHE or ~/.cache/deberta_jax
-  c.data.embedded_max_bytes = 8_000_000
+  c.data.embedded_max_bytes = 8_000_000  # for source='embedded': text taken from the stdlib
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0               # 0 = every device; N = the first N (tests, debugging)
-  c.mesh.data = 1
+  c.mesh.data = 1                        # data-parallel axis (hosts, nodes); -1 = the rest
   c.mesh.fsdp = -1                     # -1 = the remaining devices
-  c.mesh.tensor = 1
+  c.mesh.tensor = 1                      # tensor-parallel axis (heads, FFN, vocabulary)
   # CPU runs only: split the host into this many XLA devices, which the mesh then uses like
   # chips. XLA:CPU runs most ops of a small model on one thread each, so a device per core
   # makes tiny's step 1.2x faster on 2 cores; for models whose step is dominated by
@@ -109,13 +109,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.device_memory_gb = 0.0
 
   c.ckpt = ml_collections.ConfigDict()
-  c.ckpt.every_steps = 10_000
-  c.ckpt.keep = 3
-  c.ckpt.async_save = True
+  c.ckpt.every_steps = 10_000            # permanent checkpoints every N steps (and the last step)
+  c.ckpt.keep = 3                        # permanent checkpoints kept (the newest)
+  c.ckpt.async_save = True               # write checkpoints in the background
   # Also checkpoint every this many minutes of wall time (0 = off). Such checkpoints, and the one
   # written on preemption, are temporary: each is deleted once a newer checkpoint is complete.
   c.ckpt.every_minutes = 30.0
 
   c.log = ml_collections.ConfigDict()
-  c.log.every_steps = 100
+  c.log.every_steps = 100                # metrics interval (averages since the last)
   return c

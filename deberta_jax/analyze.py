@@ -24,13 +24,16 @@ The last line printed is one JSON object with every number, for scripts.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from typing import Any, Mapping
 
-import numpy as np
-from absl import app
 from absl import flags
+import numpy as np
+
+from deberta_jax import cli
+from deberta_jax import errors
+from deberta_jax import workdir as workdir_lib
+from deberta_jax.data.spm import Tokenizer
+from deberta_jax.models.rtd import DELTA
 
 _FLAGS = {}
 
@@ -45,7 +48,6 @@ def _define_flags() -> None:
                                                  "Fraction of the vocabulary sampled.")
   _FLAGS["seed"] = flags.DEFINE_integer("seed", 0, "Seed of the vocabulary sample.")
 
-EXIT_BAD_INPUT = 2
 NUM_SPECIAL = 4   # [PAD] [CLS] [SEP] [UNK] are ids 0..3
 
 
@@ -67,17 +69,16 @@ def average_cosine_similarity(table) -> tuple[float, int]:
 def sample_rows(num_pieces: int, fraction: float, seed: int) -> np.ndarray:
   """Sorted ids of a uniform sample (without replacement) of the non-special word pieces."""
   if not 0 < fraction <= 1:
-    raise ValueError(f"sample_fraction={fraction} must be in (0, 1]")
+    raise errors.BadInput(f"sample_fraction={fraction} must be in (0, 1]")
   candidates = np.arange(NUM_SPECIAL, num_pieces)
   if candidates.size < 2:
-    raise ValueError(f"a vocabulary of {num_pieces} pieces has fewer than 2 word pieces")
+    raise errors.BadInput(f"a vocabulary of {num_pieces} pieces has fewer than 2 word pieces")
   size = max(2, int(round(fraction * candidates.size)))
   return np.sort(np.random.default_rng(seed).choice(candidates, size, replace=False))
 
 
 def embedding_tables(params: Mapping[str, Any], sharing: str) -> dict[str, np.ndarray]:
   """{'E_G', 'E_D'[, 'E_delta']} of a pre-training tree {'generator': ..., 'discriminator': ...}."""
-  from deberta_jax.rtd import DELTA  # pylint: disable=import-outside-toplevel
   e_g = np.asarray(params["generator"]["embeddings"]["word_embeddings"], np.float32)
   disc = params["discriminator"]
   if sharing == "es":
@@ -105,49 +106,12 @@ def embedding_similarities(params: Mapping[str, Any], sharing: str, num_pieces: 
 
 # ----------------------------------------------------------------------------- reading a workdir
 
-class WorkdirError(ValueError):
-  """Not a pre-training workdir, or nothing restorable in it."""
-
-
-def is_pretraining_workdir(path: str) -> bool:
-  from deberta_jax import train  # pylint: disable=import-outside-toplevel
-  config_path = os.path.join(path, train.CONFIG_FILE)
-  if not (os.path.isfile(config_path) and os.path.isdir(os.path.join(path, "checkpoints"))):
-    return False
-  try:
-    with open(config_path) as f:
-      return "model" in json.load(f)
-  except (OSError, ValueError):
-    return False
-
-
-def load_workdir(workdir: str, step: int | None = None):
-  """(run config, RTDModel, params as numpy, restored step) of a pre-training workdir.
-
-  Restores on one device of this machine whatever mesh trained the run (as `export` does).
-  """
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from deberta_jax import checkpointing, train  # pylint: disable=import-outside-toplevel
-  from deberta_jax.rtd import RTDModel  # pylint: disable=import-outside-toplevel
-
-  if not is_pretraining_workdir(workdir):
-    raise WorkdirError(f"{workdir} is not a pre-training workdir (needs config.json with a "
-                       f"'model' section and checkpoints/)")
-  with open(os.path.join(workdir, train.CONFIG_FILE)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  try:  # read-only: the run may still be training
-    restored_step, params = checkpointing.load_params(workdir, step)
-  except checkpointing.CheckpointError as e:
-    raise WorkdirError(str(e)) from e
-  return config, RTDModel(config), params, int(restored_step)
 
 
 def num_pieces_of(workdir: str, config) -> int:
   """Word pieces of the run's spm model; without one, the embedding rows minus one ([MASK])."""
-  from deberta_jax import train  # pylint: disable=import-outside-toplevel
-  spm = os.path.join(workdir, train.SPM_FILE)
-  if os.path.isfile(spm):
-    from deberta_jax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+  spm = workdir_lib.spm_model(workdir)
+  if spm:
     return Tokenizer(spm).num_pieces
   return int(config.model.vocab_size) - 1
 
@@ -155,13 +119,13 @@ def num_pieces_of(workdir: str, config) -> int:
 def analyze_embeddings(workdir: str, step: int | None = None, fraction: float = 0.1,
                        seed: int = 0) -> dict[str, Any]:
   """Table 1's numbers for the checkpoint `step` (default: the newest) of a pre-training workdir."""
-  config, _, params, restored = load_workdir(workdir, step)
+  config, _, params, restored = workdir_lib.load(workdir, step)
   return embeddings_report(workdir, config, params, restored, fraction, seed)
 
 
 def embeddings_report(workdir: str, config, params, restored: int, fraction: float = 0.1,
                       seed: int = 0) -> dict[str, Any]:
-  """`analyze_embeddings` of an already restored workdir (`load_workdir`'s values)."""
+  """`analyze_embeddings` of an already restored workdir (`workdir.load`'s values)."""
   sharing = config.model.embedding_sharing
   result = embedding_similarities(params, sharing, num_pieces_of(workdir, config), fraction, seed)
   return {"workdir": workdir, "step": restored, "embedding_sharing": sharing,
@@ -182,21 +146,16 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 def main(argv):
   if len(argv) != 2 or argv[1] != "embeddings":
-    raise app.UsageError("usage: python -m deberta_jax.analyze embeddings --workdir=DIR "
+    raise cli.app.UsageError("usage: python -m deberta_jax.analyze embeddings --workdir=DIR "
                          "[--step=N] [--sample_fraction=0.1] [--seed=0]")
   if not _FLAGS["workdir"].value:
-    raise app.UsageError("--workdir is required")
-  try:
-    result = analyze_embeddings(_FLAGS["workdir"].value, _FLAGS["step"].value,
-                                _FLAGS["sample_fraction"].value, _FLAGS["seed"].value)
-  except (WorkdirError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+    raise cli.app.UsageError("--workdir is required")
+  result = analyze_embeddings(_FLAGS["workdir"].value, _FLAGS["step"].value,
+                              _FLAGS["sample_fraction"].value, _FLAGS["seed"].value)
   print(format_table(result))
   print(json.dumps(result, sort_keys=True))
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -17,11 +17,16 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-import numpy as np
 from flax import traverse_util
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
+from safetensors.numpy import save_file
 
+from deberta_jax.errors import BadInput
+from deberta_jax.models import classifier
 from deberta_jax.models.config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -58,7 +63,7 @@ _HEADS = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
   """A checkpoint directory that is missing, unreadable or not a DeBERTaV3 model."""
 
 
@@ -198,12 +203,11 @@ def _read_state(path: str) -> dict[str, np.ndarray]:
   pt = os.path.join(path, TORCH_FILE)
   try:
     if os.path.exists(st):
-      from safetensors import safe_open  # pylint: disable=import-outside-toplevel
       with safe_open(st, framework="flax") as f:
         return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
     if os.path.exists(pt):
       try:
-        import torch  # pylint: disable=import-outside-toplevel
+        import torch  # pylint: disable=import-outside-toplevel  # optional: only for .bin files
       except ImportError as e:
         raise CheckpointError(
             f"{pt}: reading pytorch_model.bin needs torch; convert it to model.safetensors") from e
@@ -261,11 +265,8 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict]:
     names += _head_map(head)
 
   flat = {}
-  for torch_key, ours, kind in names:
-    if torch_key not in state:
-      if ours == "embeddings/position_embeddings":
-        continue
-      raise CheckpointError(f"{path}: weight {torch_key!r} is missing")
+  for torch_key, ours, kind in _present(names, lambda t, o: t in state,
+                                        lambda t, o: f"{path}: weight {t!r} is missing"):
     value = state[torch_key]
     if kind == "linear":
       value = value.T
@@ -274,6 +275,17 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict]:
     flat[tuple(ours.split("/"))] = np.ascontiguousarray(value, np.float32)
   _check_shapes(flat, config, path)
   return config, traverse_util.unflatten_dict(flat)
+
+
+def _present(names, available, missing_message):
+  """The (torch key, our path, kind) entries of `names` that `available(torch_key, ours)`
+  finds. Only the EMD's absolute position table may be absent (transformers' v3 models have
+  none); any other missing weight raises CheckpointError(missing_message(torch_key, ours))."""
+  for torch_key, ours, kind in names:
+    if available(torch_key, ours):
+      yield torch_key, ours, kind
+    elif ours != "embeddings/position_embeddings":
+      raise CheckpointError(missing_message(torch_key, ours))
 
 
 def _check_shapes(flat, config: ModelConfig, path: str):
@@ -297,7 +309,6 @@ def save_pretrained(path: str, model_config: ModelConfig, params: Mapping[str, A
   transformers ignores when it builds a backbone. Tokenizer files are added when `spm_model`
   names a SentencePiece model.
   """
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
   params = {k: v for k, v in params.items()}
   flat = {"/".join(k): np.asarray(v, np.float32)
@@ -310,11 +321,9 @@ def save_pretrained(path: str, model_config: ModelConfig, params: Mapping[str, A
   if "mask_predictions/dense/kernel" in flat:
     names += _head_map("mask_predictions")
   state = {}
-  for torch_key, ours, kind in names:
-    if ours not in flat:
-      if ours == "embeddings/position_embeddings":
-        continue
-      raise CheckpointError(f"parameter {ours!r} is missing from the tree being saved")
+  for torch_key, ours, kind in _present(
+      names, lambda t, o: o in flat,
+      lambda t, o: f"parameter {o!r} is missing from the tree being saved"):
     value = flat[ours]
     if kind == "linear":
       value = value.T
@@ -352,3 +361,40 @@ def _write_tokenizer(path: str, spm_model: str, mask_token_id: int | None) -> No
   if mask_token_id is not None:
     with open(os.path.join(path, "added_tokens.json"), "w") as f:
       json.dump({"[MASK]": int(mask_token_id)}, f)
+
+
+def save_sequence_classifier(path: str, model_config: ModelConfig, params: Mapping[str, Any],
+                    num_labels: int, label_names: Sequence[str] | None = None,
+                    spm_model: str | None = None, mask_token_id: int | None = None,
+                    cls_dropout: float | None = None) -> None:
+  """A HF DebertaV2ForSequenceClassification directory of a fine-tuned classifier tree.
+
+  The backbone goes through `save_pretrained`; the pooler and classifier are added
+  under their HF keys (`pooler.dense.*`, `classifier.*`, torch's [out, in] kernels) and
+  config.json gets the architecture, `num_labels`/`id2label` and `cls_dropout`.
+  """
+
+  backbone = {k: params[k] for k in classifier.BACKBONE_KEYS}
+  save_pretrained(path, model_config, backbone, spm_model, mask_token_id)
+  weights = os.path.join(path, SAFETENSORS_FILE)
+  state = load_file(weights)
+  for torch_name, module in (("pooler.dense", params["pooler"]["dense"]),
+                             ("classifier", params["classifier"])):
+    state[f"{torch_name}.weight"] = np.ascontiguousarray(np.asarray(module["kernel"], np.float32).T)
+    state[f"{torch_name}.bias"] = np.ascontiguousarray(np.asarray(module["bias"], np.float32))
+  save_file(state, weights + ".tmp", metadata={"format": "pt"})
+  os.replace(weights + ".tmp", weights)
+  config_path = os.path.join(path, CONFIG_FILE)
+  with open(config_path) as f:
+    config = json.load(f)
+  names = list(label_names) if label_names else [f"LABEL_{i}" for i in range(num_labels)]
+  config["architectures"] = ["DebertaV2ForSequenceClassification"]
+  config["num_labels"] = num_labels
+  config["id2label"] = {str(i): n for i, n in enumerate(names)}
+  config["label2id"] = {n: i for i, n in enumerate(names)}
+  if num_labels == 1:
+    config["problem_type"] = "regression"
+  if cls_dropout is not None:
+    config["cls_dropout"] = cls_dropout
+  with open(config_path, "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)

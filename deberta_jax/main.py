@@ -14,38 +14,21 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from deberta_jax import cpu_devices
+from deberta_jax import cli
+from deberta_jax.runtime import cpu_devices
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file under configs/ (e.g. configs/tiny.py).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for this run.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-EXIT_BAD_INPUT = 2
-EXIT_NON_FINITE = 3
-EXIT_PREEMPTED = 4
-EXIT_CHECKPOINT_WRITE = 5
-
-
-class _OwnInfoOnly:
-  """Drops INFO records of libraries (orbax logs every save in ~30 lines); keeps their warnings."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or "deberta_jax" in record.pathname
-
-
-def _quiet_library_logs() -> None:
-  import logging as std_logging  # pylint: disable=import-outside-toplevel
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
-    handler.addFilter(_OwnInfoOnly())
-  std_logging.getLogger("absl").setLevel(std_logging.INFO)
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print every config field with its value (after the overrides) and "
+    "its meaning, then exit without running.")
+flags.mark_flags_as_required(["config"])
 
 
 def _simulate_devices(count: int) -> None:
@@ -59,81 +42,35 @@ def _simulate_devices(count: int) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _load_config()
+    raise cli.app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = cli.load_config(_CONFIG)
+  if _PRINT_CONFIG.value:
+    from configs import common  # pylint: disable=import-outside-toplevel  # its comments: only to print
+    print(cli.describe_config(config, cli.field_meanings(common)))
+    return
+  if not _WORKDIR.value:
+    raise cli.app.UsageError("--workdir is required (the run's directory, local or gs://)")
   if config.dry_run and config.dry_run_devices:
     _simulate_devices(config.dry_run_devices)
   else:
     cpu_devices.apply(config)
-  # Imported here so that nothing touches jax before flags (and XLA_FLAGS) are settled.
-  from deberta_jax import checkpointing, config_lib, distributed, hf, train  # pylint: disable=import-outside-toplevel
-  from deberta_jax.data import DataError  # pylint: disable=import-outside-toplevel
-
-  _quiet_library_logs()
-  distributed.initialize()
+  # Late: nothing may import jax before the device-count flags above are settled.
   import jax  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining import train  # pylint: disable=import-outside-toplevel
+  from deberta_jax.runtime import compilation_cache  # pylint: disable=import-outside-toplevel
+  from deberta_jax.runtime import distributed  # pylint: disable=import-outside-toplevel
+
+  distributed.initialize()
   logging.info("JAX %s, process %d/%d, %d devices (%d local): %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.local_device_count(), jax.devices()[0].device_kind)
-  from deberta_jax import sharding  # pylint: disable=import-outside-toplevel
-  outcomes = (
-      ((config_lib.ConfigError, sharding.MeshError, DataError, train.WorkdirError,
-        hf.CheckpointError, checkpointing.CheckpointError), EXIT_BAD_INPUT),
-      ((train.NonFiniteError,), EXIT_NON_FINITE),
-      ((train.Preempted,), EXIT_PREEMPTED),
-      ((checkpointing.CheckpointWriteError,), EXIT_CHECKPOINT_WRITE),
-  )
   if not config.dry_run:  # a dry run writes nothing, not even cache files
-    from deberta_jax import compilation_cache  # pylint: disable=import-outside-toplevel
     compilation_cache.enable(config)
-  try:
-    train.run(config, _WORKDIR.value)
-  except tuple(e for kinds, _ in outcomes for e in kinds) as e:
-    code = next(c for kinds, c in outcomes if isinstance(e, kinds))
-    print(f"{'stopped' if code == EXIT_PREEMPTED else 'error'}: {e}", file=sys.stderr)
-    sys.exit(code)
-
-
-def _parse_flags(argv):
-  """absl's parser, but a bad flag (unknown config field, unparsable value, missing config file)
-  exits with EXIT_BAD_INPUT and one line instead of absl's usage dump and code 1."""
-  try:
-    return flags.FLAGS(argv)
-  except _FLAG_ERRORS as e:
-    _bad_command_line(e)
-
-
-_FLAG_ERRORS = (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError)
-
-
-def _bad_command_line(error: BaseException):
-  """One line for a bad flag or config file, then EXIT_BAD_INPUT."""
-  while error.__cause__ is not None:
-    error = error.__cause__
-  while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(..))
-    error = error.args[0]
-  if isinstance(error, (KeyError, AttributeError)):  # a field the locked config does not have
-    message = "unknown config field " + " ".join(str(error.args[0] if error.args else error).split())
-  else:
-    message = " ".join(str(error).split())
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(EXIT_BAD_INPUT)
-
-
-def _load_config():
-  """The parsed config; ml_collections defers a config file's load error to first access."""
-  try:
-    config = _CONFIG.value
-    config.get("dry_run")
-    return config
-  except _FLAG_ERRORS as e:
-    _bad_command_line(e)
+  train.run(config, _WORKDIR.value)
 
 
 def run():
-  # Config files import `configs.common`; make the repository root importable from any cwd.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main)
 
 
 if __name__ == "__main__":

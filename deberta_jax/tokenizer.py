@@ -6,7 +6,7 @@
   python -m deberta_jax.tokenizer info --model=/data/spm.model
 
 `train` writes PREFIX.model and PREFIX.vocab: a unigram model with [PAD]=0 [CLS]=1 [SEP]=2
-[UNK]=3 (see deberta_jax.data.tokenizer.train_spm), and prints the [MASK] id and the
+[UNK]=3 (see deberta_jax.data.spm.train_spm), and prints the [MASK] id and the
 `config.model.vocab_size` to use. Training once up front and passing `--config.data.spm_model`
 is the way for multi-host runs and large corpora; without it the pipeline trains (and caches) a
 model on the corpus itself.
@@ -14,10 +14,12 @@ model on the corpus itself.
 
 from __future__ import annotations
 
-import sys
-
-from absl import app
 from absl import flags
+import ml_collections
+
+from deberta_jax import cli
+from deberta_jax.data import corpus as corpus_lib
+from deberta_jax.data import spm as tokenizer_lib
 
 _INPUT = flags.DEFINE_string("input", "", "Text files: a glob, file or directory "
                              "(comma-separated for several).")
@@ -36,7 +38,6 @@ _MODEL = flags.DEFINE_string("model", "", "For `info`: the .model file.")
 
 
 def _describe(tok) -> str:
-  from deberta_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   specials = ", ".join(f"{tok.id_to_piece(i)}={i}" for i in tok.special_ids)
   return (f"{tok.model_path}: {tok.num_pieces} pieces; {specials}; use "
           f"config.model.vocab_size={tokenizer_lib.recommended_vocab_size(tok.num_pieces)} "
@@ -44,12 +45,8 @@ def _describe(tok) -> str:
 
 
 def _train() -> str:
-  # pylint: disable=g-import-not-at-top
-  import ml_collections
-  from deberta_jax.data import corpus as corpus_lib
-  from deberta_jax.data import tokenizer as tokenizer_lib
   if not _PREFIX.value:
-    raise app.UsageError("--model_prefix is required.")
+    raise cli.app.UsageError("--model_prefix is required.")
   if _EMBEDDED.value:
     cfg = ml_collections.ConfigDict({"data": {"cache_dir": _CACHE.value}})
     name, data_dir = corpus_lib.prepare_embedded_corpus(corpus_lib.resolve_cache_dir(cfg),
@@ -58,7 +55,7 @@ def _train() -> str:
   elif _INPUT.value:
     corpus = corpus_lib.text_file_corpus(_INPUT.value, _SPLIT.value)
   else:
-    raise app.UsageError("Give --input=GLOB_OR_FILE or --embedded.")
+    raise cli.app.UsageError("Give --input=GLOB_OR_FILE or --embedded.")
   corpus.check_not_empty()
   path = tokenizer_lib.train_spm(corpus.documents(), _VOCAB.value, _PREFIX.value,
                                  character_coverage=_COVERAGE.value)
@@ -66,23 +63,18 @@ def _train() -> str:
 
 
 def _info() -> str:
-  from deberta_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   if not _MODEL.value:
-    raise app.UsageError("--model is required.")
+    raise cli.app.UsageError("--model is required.")
   return _describe(tokenizer_lib.Tokenizer(_MODEL.value))
 
 
 def main(argv):
   commands = {"train": _train, "info": _info}
   if len(argv) != 2 or argv[1] not in commands:
-    raise app.UsageError(f"Usage: python -m deberta_jax.tokenizer {{{'|'.join(commands)}}} "
+    raise cli.app.UsageError(f"Usage: python -m deberta_jax.tokenizer {{{'|'.join(commands)}}} "
                          f"[flags]")
-  from deberta_jax.data import DataError  # pylint: disable=g-import-not-at-top
-  try:
-    print(commands[argv[1]]())
-  except DataError as e:
-    sys.exit(f"error: {e}")
+  print(commands[argv[1]]())
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -4,7 +4,7 @@
       [--steps=2000 --hidden=256 --layers=4 ...] [--out=docs/gdes_study.md]
 
 For every embedding-sharing mode (es, nes, gdes) and seed it pre-trains the same model on the same
-corpus for the same number of steps (`deberta_jax.train.run`; ES with the joint loss, NES/GDES
+corpus for the same number of steps (`deberta_jax.pretraining.train.run`; ES with the joint loss, NES/GDES
 with the two-stage update, as the paper's Figure 1), then
 
   * reads the generator's MLM loss curve from the run's metrics.jsonl (Figure 2: mean over seeds
@@ -35,11 +35,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+from absl import logging
 
 _OUT = flags.DEFINE_string("out", os.path.join(REPO, "docs", "gdes_study.md"),
                            "Markdown report; the PNG and JSON are written next to it.")
@@ -109,7 +108,7 @@ def _dtype() -> str:
 
 def pretrain_config(mode: str, seed: int):
   from configs import tiny  # pylint: disable=import-outside-toplevel
-  from deberta_jax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  from deberta_jax.data import spm as tokenizer_lib  # pylint: disable=import-outside-toplevel
   c = tiny.get_config()
   c.seed = seed
   c.num_train_steps = _STEPS.value
@@ -164,7 +163,9 @@ def finetune_config(task: str, init: str, seed: int):
 # ----------------------------------------------------------------------------------------- runs
 
 def _pretrain(mode: str, seed: int, workdir: str) -> dict:
-  from deberta_jax import checkpointing, metrics, train  # pylint: disable=import-outside-toplevel
+  from deberta_jax.runtime import checkpointing  # pylint: disable=import-outside-toplevel
+  from deberta_jax.runtime import metrics  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining import train  # pylint: disable=import-outside-toplevel
   config = pretrain_config(mode, seed)
   done = config.num_train_steps in checkpointing.committed_steps(
       os.path.join(workdir, "checkpoints"))
@@ -182,7 +183,7 @@ def _pretrain(mode: str, seed: int, workdir: str) -> dict:
 
 
 def _finetune(task: str, init, seed: int, out: str) -> dict:
-  from deberta_jax import finetune  # pylint: disable=import-outside-toplevel
+  from deberta_jax.finetune import train as finetune  # pylint: disable=import-outside-toplevel
   config = finetune_config(task, init.path, seed)
   path = os.path.join(out, finetune.RESULTS_FILE)
   if os.path.isfile(path):
@@ -197,7 +198,7 @@ def _model_sizes(config) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax.linen import meta  # pylint: disable=import-outside-toplevel
-  from deberta_jax.rtd import RTDModel  # pylint: disable=import-outside-toplevel
+  from deberta_jax.models.rtd import RTDModel  # pylint: disable=import-outside-toplevel
   model = RTDModel(config)
   shapes = meta.unbox(jax.eval_shape(lambda k: model.init(k, 8), jax.random.key(0)))
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
@@ -223,7 +224,9 @@ def _hardware() -> dict:
 
 def run_study() -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  from deberta_jax import analyze, finetune  # pylint: disable=import-outside-toplevel
+  from deberta_jax import analyze  # pylint: disable=import-outside-toplevel
+  from deberta_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from deberta_jax.finetune import train as finetune  # pylint: disable=import-outside-toplevel
   root = _WORKDIR.value
   os.makedirs(root, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax_cache"))
@@ -252,7 +255,7 @@ def run_study() -> dict:
       t0 = time.time()
       run = _pretrain(mode, seed, workdir)
       t1 = time.time()
-      run_config, model, params, step = analyze.load_workdir(workdir)   # restored once
+      run_config, model, params, step = workdir_lib.load(workdir)   # restored once
       run["analysis"] = analyze.embeddings_report(workdir, run_config, params, step,
                                                   _FRACTION.value, 0)
       init = finetune.init_from_workdir(workdir, run_config, model, params, step)
@@ -594,8 +597,8 @@ def write_report(study, out_path: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from deberta_jax import finetune  # pylint: disable=import-outside-toplevel
-  finetune.quiet_library_logs(keep=("deberta_jax", "gdes_study"))
+  from deberta_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.setup_logging(keep=("deberta_jax", "gdes_study"))
   if _RENDER_ONLY.value:
     with open(os.path.splitext(os.path.abspath(_OUT.value))[0] + ".json") as f:
       study = json.load(f)

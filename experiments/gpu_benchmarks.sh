@@ -25,8 +25,8 @@ fi
 OUT=${OUT:-/tmp/gpu_benchmarks}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/.whl/py:$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-B=(python -m deberta_jax.bench)
-A=(python -m deberta_jax.attention_bench --batch 32 --seq_len 512 --heads 12 --head_dim 64)
+B=(python -m benchmarks.bench)
+A=(python -m benchmarks.attention_bench --batch 32 --seq_len 512 --heads 12 --head_dim 64)
 
 step() {  # step NAME SECONDS COMMAND...: run with a timeout, keep stdout+stderr in $OUT/NAME.txt
   local name=$1 limit=$2; shift 2

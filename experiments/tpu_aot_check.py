@@ -20,13 +20,10 @@ search) on the topology's compile-only devices instead of this host's.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 
 def main():
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("what", choices=["attention", "stack", "step"])
   parser.add_argument("--topology", default="v5p:2x2x1")
@@ -48,7 +45,7 @@ def main():
   from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
 
   devices = list(topologies.get_topology_desc(args.topology, "tpu").devices)
-  from deberta_jax.models import flash_attention  # pylint: disable=import-outside-toplevel
+  from deberta_jax.models.kernels import flash_attention  # pylint: disable=import-outside-toplevel
   one = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype, sharding=one)
   if args.what == "attention":
@@ -90,7 +87,8 @@ def main():
     return
 
   import importlib  # pylint: disable=import-outside-toplevel
-  from deberta_jax import sharding, train  # pylint: disable=import-outside-toplevel
+  from deberta_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining import train  # pylint: disable=import-outside-toplevel
   make_mesh = sharding.make_mesh
   sharding.make_mesh = lambda config, _=None: make_mesh(config, devices)
   config = importlib.import_module(f"configs.{args.config}").get_config()

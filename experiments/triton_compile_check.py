@@ -23,17 +23,15 @@ import argparse
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 
 def dump(out: str, batch: int, heads: int, length: int, head_dim: int, blocks, rate: float):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax import export  # pylint: disable=import-outside-toplevel
   from jax._src.pallas.triton import pallas_call_registration as registration  # pylint: disable=import-outside-toplevel
-  from deberta_jax.models import flash_attention  # pylint: disable=import-outside-toplevel
+  from deberta_jax.models.kernels import flash_attention  # pylint: disable=import-outside-toplevel
 
   captured = []
   lower = registration.lowering.lower_jaxpr_to_triton_module

@@ -286,6 +286,7 @@ if [ -z "$py" ]; then sudo apt-get -o DPkg::Lock::Timeout=600 update -qq && sudo
 "$venv/bin/pip" install -q -U pip'"
 \"\$venv/bin/pip\" install -q -U $(printf %q "$JAX_PIP")"'
 "$venv/bin/pip" install -q -r "$code/requirements.txt"
+"$venv/bin/pip" install -q --no-deps -e "$code"
 echo "worker $w: $("$venv/bin/python" -c "import sys, jax; print(sys.version.split()[0], jax.__version__)") ready in $code"'
   # One line, like the other remote commands (and one command per line in DRY_RUN output).
   tpu_ssh all "${remote//$'\n'/; }"
@@ -321,7 +322,7 @@ cmd_run() {
   #    pid file names the training process, which also leads its own process group for `stop`.
   #    On a pod slice the JAX coordinator is given explicitly (worker 0, process id = worker
   #    number from the metadata server), so that every worker joins the same jax.distributed
-  #    cluster whatever the auto-detection in deberta_jax/distributed.py recognises; the
+  #    cluster whatever the auto-detection in deberta_jax/runtime/distributed.py recognises; the
   #    coordination service is also what lets all workers agree on a checkpoint step when
   #    SIGTERM arrives.
   local exports="" kv

@@ -31,7 +31,7 @@ def compiled_programs_are_reused(tmp_path_factory):
   jax.config.update("jax_compilation_cache_dir", before)
 
 
-# The test files by their share of the suite's time (seconds on 2 busy cores, 2026-12-01),
+# The test files by their share of the suite's time (measured seconds on 2 busy cores),
 # longest first. CI runs two xdist workers that take one file at a time (--dist loadfile), in
 # this order (pytest_configure turns off xdist's own order, most tests first, which started
 # test_train.py last and left one worker idle for minutes): the long files start at once and the

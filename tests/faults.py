@@ -2,7 +2,7 @@
 
 import jax
 
-from deberta_jax import train_step as ts
+from deberta_jax.pretraining import train_step as ts
 
 
 def poison_from(step_number: int, skip: bool = False):

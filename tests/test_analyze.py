@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from deberta_jax import workdir as workdir_lib
 from deberta_jax import analyze
-from deberta_jax import checkpointing
-from deberta_jax import config_lib
-from deberta_jax import sharding
-from deberta_jax import train
-from deberta_jax import train_step as ts
-from deberta_jax.rtd import DELTA, RTDModel
+from deberta_jax.runtime import checkpointing
+from deberta_jax import config as config_lib
+from deberta_jax.runtime import sharding
+from deberta_jax.pretraining import train
+from deberta_jax.pretraining import train_step as ts
+from deberta_jax.models.rtd import DELTA, RTDModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,7 +105,7 @@ def make_workdir(path, sharing="gdes", edit=None, step=7):
   initialised state whose parameters `edit(params) -> params` may set to known values."""
   c = tiny_run_config(sharing)
   os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, train.CONFIG_FILE), "w") as f:
+  with open(os.path.join(path, workdir_lib.CONFIG_FILE), "w") as f:
     f.write(config_lib.to_json(c))
   mesh = sharding.make_mesh(c)
   model = RTDModel(c)
@@ -140,7 +141,7 @@ def test_analyze_embeddings_on_a_workdir(gdes_workdir):
   # No spm.model in this workdir: the sample is drawn from vocab_size - 1 = 127 pieces.
   rows = analyze.sample_rows(127, 0.1, 3)
   assert result["sample_size"] == len(rows) == 12
-  _, _, params, _ = analyze.load_workdir(gdes_workdir)
+  _, _, params, _ = workdir_lib.load(gdes_workdir)
   e_g = params["generator"]["embeddings"]["word_embeddings"]
   delta = params["discriminator"][DELTA]["word_embeddings"]
   assert result["E_G"] == pytest.approx(1.0)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from configs import base, large, small, tiny
-from deberta_jax import bench
-from deberta_jax import flops
+from benchmarks import bench
+from deberta_jax.pretraining import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = ["-m", "deberta_jax.bench", "--config=configs/tiny.py", "--steps", "2", "--warmup", "1",
+CLI = ["-m", "benchmarks.bench", "--config=configs/tiny.py", "--steps", "2", "--warmup", "1",
        "--batch", "4", "--seq_len", "64"]
 KEYS = ("tokens_per_second", "step_seconds", "mfu", "peak_memory_bytes", "device", "config",
         "seq_len", "batch")

@@ -24,8 +24,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from deberta_jax import checkpointing
-from deberta_jax.checkpointing import CheckpointError, Checkpointer
+from deberta_jax.runtime import checkpointing
+from deberta_jax.runtime.checkpointing import CheckpointError, Checkpointer
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -377,12 +377,12 @@ jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processe
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from deberta_jax.checkpointing import Checkpointer
+from deberta_jax.runtime.checkpointing import Checkpointer
 
 warnings = []
 handler = logging.Handler()
 handler.emit = lambda record: warnings.append(record.getMessage())
-logging.getLogger("deberta_jax.checkpointing").addHandler(handler)
+logging.getLogger("deberta_jax.runtime.checkpointing").addHandler(handler)
 
 mesh = Mesh(np.array(jax.devices()), ("fsdp",))  # 2 processes x 4 devices
 sharded, replicated = NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P())

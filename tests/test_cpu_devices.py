@@ -1,4 +1,4 @@
-"""The CPU host split into one XLA device per core (deberta_jax.cpu_devices)."""
+"""The CPU host split into one XLA device per core (deberta_jax.runtime.cpu_devices)."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from configs import tiny
-from deberta_jax import cpu_devices
+from deberta_jax.runtime import cpu_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def test_device_count(batch, cores, mesh, want):
 
 
 def _devices_seen(xla_flags, cores):
-  code = ("from configs import tiny; from deberta_jax import cpu_devices; "
+  code = ("from configs import tiny; from deberta_jax.runtime import cpu_devices; "
           f"print(cpu_devices.apply(tiny.get_config(), cores={cores})); "
           "import jax; print(jax.device_count())")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
@@ -56,7 +56,7 @@ def test_apply_sets_the_count_before_jax_starts():
 
 
 def test_one_device_configs_leave_the_host_alone():
-  code = ("from configs import small; from deberta_jax import cpu_devices; import os; "
+  code = ("from configs import small; from deberta_jax.runtime import cpu_devices; import os; "
           "print(cpu_devices.apply(small.get_config(), cores=4), os.environ['XLA_FLAGS'] or '-')")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,

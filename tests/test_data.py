@@ -18,7 +18,7 @@ from deberta_jax.data import DataError
 from deberta_jax.data import corpus as corpus_lib
 from deberta_jax.data import packing
 from deberta_jax.data import pipeline as pipeline_lib
-from deberta_jax.data import tokenizer as tokenizer_lib
+from deberta_jax.data import spm as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDED_BYTES = 1_000_000

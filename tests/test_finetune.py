@@ -13,12 +13,13 @@ import pytest
 from flax.linen import meta
 
 from configs import finetune as finetune_config
-from deberta_jax import finetune
-from deberta_jax import glue
-from deberta_jax import glue_metrics as gm
+from deberta_jax import workdir as workdir_lib
+from deberta_jax.finetune import train as finetune
+from deberta_jax.finetune import glue
+from deberta_jax.finetune import glue_metrics as gm
 from deberta_jax import hf
 from deberta_jax.data import DataError
-from deberta_jax.data import tokenizer as tokenizer_lib
+from deberta_jax.data import spm as tokenizer_lib
 from deberta_jax.models import DebertaEncoder, ModelConfig
 from deberta_jax.models import classifier as classifier_lib
 from tests.overrides import apply_overrides
@@ -287,8 +288,7 @@ def test_init_from_pretraining_workdir_uses_the_gdes_embedding(tmp_path):
   init = finetune.load_init(workdir)
   assert init.kind == "pretraining_workdir" and init.step == 5
   assert init.embedding_sharing == "gdes" and init.spm_model.endswith("spm.model")
-  from deberta_jax import analyze  # pylint: disable=g-import-not-at-top
-  _, _, params, _ = analyze.load_workdir(workdir)
+  _, _, params, _ = workdir_lib.load(workdir)
   expected = (params["generator"]["embeddings"]["word_embeddings"] +
               params["discriminator"]["gdes_delta"]["word_embeddings"])
   np.testing.assert_allclose(init.params["embeddings"]["word_embeddings"], expected, rtol=1e-6)

@@ -16,9 +16,9 @@ import pytest
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deberta_jax import sharding
+from deberta_jax.runtime import sharding
 from deberta_jax.models import attention
-from deberta_jax.models import flash_attention as fa
+from deberta_jax.models.kernels import flash_attention as fa
 from deberta_jax.models import hash_dropout
 from deberta_jax.models.config import ModelConfig
 
@@ -318,7 +318,7 @@ def test_backend_checks_name_the_field():
   """'flash' is refused, with the field named, where no kernels exist or the head size does not
   suit the Triton kernels."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from deberta_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from deberta_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.model.attention_impl = "flash"
   for backend in ("cpu", "gpu", "tpu"):
@@ -337,8 +337,7 @@ def test_backward_recomputes_the_tables_behind_a_barrier():
   """The backward pass recomputes the tables from q, k, qr and kr routed through an optimization
   barrier together with the incoming gradient. Without it XLA may merge the recomputation with
   the forward's identical matmuls (common-subexpression elimination) and so keep every layer's
-  [B, n, L, 2L] tables alive until the backward pass: a libtpu compile of the base step measured
-  15.45 GiB per chip instead of 9.79 (docs/benchmarks.md)."""
+  [B, n, L, 2L] tables alive until the backward pass (docs/CHANGELOG.md, "Memory")."""
   (q, k, v, qr, kr), mask = _inputs(length=32)
   loss = lambda q, k, qr, kr: jnp.sum(fa.fused_attention(q, k, v, qr, kr, mask))
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, qr, kr).jaxpr
@@ -398,8 +397,8 @@ def _pallas_calls(jaxpr):
 def test_kernels_follow_the_mesh_platform_not_the_default_backend():
   """A step compiled for devices this process does not run on (compile-only TPU devices, as in
   experiments/tpu_aot_check.py) gets the TPU kernel, not the CPU interpreter's version of the GPU
-  kernels: the choice follows the mesh in context. Session 5's TPU memory figures for 'flash'
-  were taken with the interpreter's version because the choice followed jax.default_backend()."""
+  kernels: the choice follows the mesh in context, not jax.default_backend() (which would make
+  a deviceless TPU compile measure the interpreter's kernels)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   (q, k, v, qr, kr), mask = _inputs(length=128)
   trace = lambda: jax.make_jaxpr(lambda q: fa.fused_attention(q, k, v, qr, kr, mask))(q).jaxpr

@@ -24,11 +24,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from deberta_jax import checkpointing
-from deberta_jax import metrics
-from deberta_jax import train
-from deberta_jax import train_step as ts
-from deberta_jax.rtd import RTDModel
+from deberta_jax import errors
+from deberta_jax.runtime import checkpointing
+from deberta_jax.runtime import metrics
+from deberta_jax.pretraining import train
+from deberta_jax.pretraining import train_step as ts
+from deberta_jax.models.rtd import RTDModel
 from tests.faults import poison_from
 from tests.overrides import apply_overrides
 
@@ -153,7 +154,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(cache_dir, tmp_path, mon
   monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full_on_second_save)
   workdir = str(tmp_path / "run")
   config = tiny_config(cache_dir, **{"ckpt.async_save": False, "num_train_steps": 12})
-  with pytest.raises(checkpointing.CheckpointWriteError,
+  with pytest.raises(errors.CheckpointWriteError,
                      match=r"writing step 10 .*No space left on device.*newest complete "
                            r"checkpoint is step 5"):
     train.run(config, workdir)
@@ -252,7 +253,7 @@ def test_skip_mode_stops_after_too_many_skips():
   health = train.StepHealth(config, start_step=0)
   bad = {"mlm_loss": 0.0, "skipped": 2.0, "first_nonfinite_step": 3.0}
   health.add(bad, step=4)
-  with pytest.raises(train.NonFiniteError, match="more than config.nonfinite_max_skips=2"):
+  with pytest.raises(errors.NonFiniteError, match="more than config.nonfinite_max_skips=2"):
     health.add({**bad, "skipped": 1.0, "first_nonfinite_step": 6.0}, step=6)
 
 
@@ -349,7 +350,7 @@ def test_workdir_problems_are_refused_without_touching_it(cache_dir, tmp_path):
   for workdir, needle in ((a_file, "not a directory"), (other, "different model"),
                           (garbled, "unreadable")):
     before = _snapshot(workdir)
-    with pytest.raises(train.WorkdirError, match=needle):
+    with pytest.raises(errors.WorkdirError, match=needle):
       train.run(tiny_config(cache_dir), str(workdir))
     assert _snapshot(workdir) == before
 

@@ -9,11 +9,11 @@ from flax import traverse_util
 from flax.linen import meta
 
 from configs import tiny
-from deberta_jax import config_lib
-from deberta_jax import masking
-from deberta_jax import optim
-from deberta_jax import train_step as ts
-from deberta_jax.rtd import DELTA, RTDModel
+from deberta_jax import config as config_lib
+from deberta_jax.pretraining import masking
+from deberta_jax.pretraining import optim
+from deberta_jax.pretraining import train_step as ts
+from deberta_jax.models.rtd import DELTA, RTDModel
 from tests.overrides import apply_overrides
 
 TOKENS = ts.SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=2000)

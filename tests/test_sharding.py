@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from deberta_jax import metrics
-from deberta_jax import sharding
-from deberta_jax import train
+from deberta_jax.runtime import metrics
+from deberta_jax.runtime import sharding
+from deberta_jax.pretraining import train
 from tests.test_train import tiny_config
 
 MESHES = {
@@ -21,8 +21,8 @@ KEYS = ("mlm_loss", "rtd_loss", "generator_grad_norm", "discriminator_grad_norm"
 # Float noise between meshes (reduction order, ~1e-7) is amplified only where a number depends on
 # the sampled replacements: a draw whose uniform falls within that noise of a CDF boundary
 # (roughly vocabulary x 1e-7: ~2e-4 of draws at tiny's 2,048) picks the neighbouring token, and the
-# discriminator then sees one different input token (session 8: 1.2e-5 in rtd_loss and 9e-5 in
-# its gradient norm at step 8, every other number within 4e-7). The generator's numbers do not
+# discriminator then sees one different input token (seen: 1.2e-5 in rtd_loss and 9e-5 in its
+# gradient norm at step 8, every other number within 4e-7). The generator's numbers do not
 # depend on the draws and keep the tight bound.
 RTOL = {"mlm_loss": 1e-5, "generator_grad_norm": 1e-5, "rtd_loss": 1e-3,
         "discriminator_grad_norm": 1e-3}
@@ -66,8 +66,8 @@ def test_mesh_matches_single_device(name, cache_dir, single_device, tmp_path):
 
 def test_parameters_are_sharded_by_the_rules(cache_dir):
   config = _config(cache_dir, 8, MESHES["d2f2t2"])
-  from deberta_jax import train_step as ts  # pylint: disable=g-import-not-at-top
-  from deberta_jax.rtd import RTDModel  # pylint: disable=g-import-not-at-top
+  from deberta_jax.pretraining import train_step as ts  # pylint: disable=g-import-not-at-top
+  from deberta_jax.models.rtd import RTDModel  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config)
   model = RTDModel(config)
   shardings = train.state_shardings(model, ts.make_optimizers(config), config, mesh)

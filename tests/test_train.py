@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from deberta_jax import workdir as workdir_lib
+from deberta_jax import errors
 from deberta_jax import export as export_lib
-from deberta_jax import metrics
-from deberta_jax import train
-from deberta_jax import train_step as ts
+from deberta_jax.runtime import metrics
+from deberta_jax.pretraining import train
+from deberta_jax.pretraining import train_step as ts
 from tests.faults import poison_from
 from tests.overrides import apply_overrides
 
@@ -131,8 +133,7 @@ def test_readers_leave_a_training_workdir_untouched(resumed_run, tmp_path):
   trainer is mid-save: its temporary step directory (what orbax writes before the commit rename)
   and everything else stay as they were, and the trainer's save then completes."""
   import shutil  # pylint: disable=g-import-not-at-top
-  from deberta_jax import analyze  # pylint: disable=g-import-not-at-top
-  from deberta_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from deberta_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "live")
   shutil.copytree(resumed_run[1], workdir)
   checkpoints = os.path.join(workdir, "checkpoints")
@@ -147,7 +148,7 @@ def test_readers_leave_a_training_workdir_untouched(resumed_run, tmp_path):
   assert checkpointing.committed_steps(checkpoints) == [20, 30]  # ckpt.keep = 2
 
   export_lib.export(workdir, str(tmp_path / "hf"))
-  _, _, params, step = analyze.load_workdir(workdir)
+  _, _, params, step = workdir_lib.load(workdir)
   step_20, params_20 = checkpointing.load_params(workdir, 20)
   assert step == 30 and step_20 == 20
   assert not np.array_equal(params["generator"]["embeddings"]["word_embeddings"],
@@ -164,7 +165,7 @@ def test_readers_leave_a_training_workdir_untouched(resumed_run, tmp_path):
 
 def test_load_params_refuses_missing_and_damaged_checkpoints(resumed_run, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
-  from deberta_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from deberta_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   with pytest.raises(checkpointing.CheckpointError, match="no checkpoint found"):
     checkpointing.load_params(str(tmp_path / "nothing"))
   assert not (tmp_path / "nothing").exists()
@@ -182,7 +183,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(cache_dir,
                                                                        monkeypatch):
   monkeypatch.setattr(ts, "make_train_step", poison_from(13))
   workdir = str(tmp_path / "nan")
-  with pytest.raises(train.NonFiniteError, match="at step 13"):
+  with pytest.raises(errors.NonFiniteError, match="at step 13"):
     train.run(_short(cache_dir), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
 
@@ -209,7 +210,7 @@ def test_bad_command_lines_fail_by_name(args, needle, tmp_path):
 def test_workdir_of_another_model_is_refused(cache_dir, resumed_run):
   _, workdir = resumed_run
   before = sorted(os.listdir(workdir))
-  with pytest.raises(train.WorkdirError, match="different model"):
+  with pytest.raises(errors.WorkdirError, match="different model"):
     train.run(_short(cache_dir, **{"model.hidden_size": 32}), workdir)
   assert sorted(os.listdir(workdir)) == before
   with open(os.path.join(workdir, "run.json")) as f:

@@ -14,13 +14,13 @@ import pytest
 from flax.linen import meta
 from jax.sharding import Mesh
 
-from deberta_jax import losses
-from deberta_jax import masking
-from deberta_jax import train_step as ts
-from deberta_jax import vocab_blocks
+from deberta_jax.pretraining import losses
+from deberta_jax.pretraining import masking
+from deberta_jax.pretraining import train_step as ts
+from deberta_jax.models import vocab_blocks
 from deberta_jax.models import ModelConfig
 from deberta_jax.models.heads import LMHead
-from deberta_jax.rtd import RTDModel
+from deberta_jax.models.rtd import RTDModel
 from tests.test_rtd import TOKENS, _batch, _config
 
 

@@ -5,7 +5,7 @@ The stages live in one module each so that each can be read and tested alone:
 * `corpus`    where text comes from (`config.data.source`: 'embedded', 'text_files', 'tfds'); the
               embedded corpus is prepared once as a tfds array_record dataset and read back through
               `tfds.data_source`, so no TensorFlow is needed anywhere.
-* `tokenizer` the SentencePiece wrapper with the DeBERTaV3 special-token layout
+* `spm`       the SentencePiece wrapper with the DeBERTaV3 special-token layout
               ([PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3, [MASK]=number of spm pieces).
 * `packing`   tokenizes every document once into a memory-mapped int32 .npy stream (no Python
               token lists: the official loader ran out of RAM on large corpora, DeBERTa issue #109)
@@ -22,8 +22,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from deberta_jax.errors import BadInput
 
-class DataError(ValueError):
+
+class DataError(BadInput):
   """A problem with the user's data or data config; the message names the path or config field."""
 
 
@@ -35,10 +37,10 @@ _LAZY = {
     "prepare_embedded_corpus": "corpus",
     "write_tfds_text_dataset": "corpus",
     "resolve_cache_dir": "corpus",
-    "Tokenizer": "tokenizer",
-    "train_spm": "tokenizer",
-    "check_vocab_size": "tokenizer",
-    "recommended_vocab_size": "tokenizer",
+    "Tokenizer": "spm",
+    "train_spm": "spm",
+    "check_vocab_size": "spm",
+    "recommended_vocab_size": "spm",
     "PackedChunks": "packing",
     "load_or_build_token_stream": "packing",
     "Pipeline": "pipeline",

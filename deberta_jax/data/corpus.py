@@ -48,8 +48,10 @@ import os
 import sys
 import sysconfig
 import types
-import warnings
 from typing import Any, Callable, Iterable, Iterator
+import warnings
+
+import tensorflow_datasets as tfds
 
 from deberta_jax.data import DataError
 
@@ -203,7 +205,6 @@ def prepare_embedded_corpus(cache_dir: str,
 
 
 def _lazy_tfds():
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
 
 

@@ -26,7 +26,7 @@ from absl import logging
 from deberta_jax.data import DataError
 from deberta_jax.data import corpus as corpus_lib
 from deberta_jax.data import packing
-from deberta_jax.data import tokenizer as tokenizer_lib
+from deberta_jax.data import spm as tokenizer_lib
 
 # Bump when train_spm's settings change, so cached models trained with older ones are not reused.
 SPM_SETTINGS_VERSION = 1

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from deberta_jax.models import flash_attention
+from deberta_jax.models.kernels import flash_attention
 from deberta_jax.models import hash_dropout
 from deberta_jax.models import layers
 from deberta_jax.models import relative_position

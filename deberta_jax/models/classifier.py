@@ -7,16 +7,15 @@
 as transformers' DebertaV2ForSequenceClassification (pooler_dropout p, 0 in the released
 configs; cls_dropout c, "dropout of task layer" in the paper's Table 11). The parameter tree is
 the backbone's (`embeddings`, `encoder`) plus `pooler/dense` and `classifier`, the HF names, so
-`save_pretrained` writes a directory that `DebertaV2ForSequenceClassification.from_pretrained`
+`hf.save_sequence_classifier` writes a directory that `DebertaV2ForSequenceClassification.from_pretrained`
 loads without missing keys.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
+from flax import traverse_util
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +23,8 @@ import numpy as np
 from deberta_jax.models import attention
 from deberta_jax.models import layers
 from deberta_jax.models.config import ModelConfig
-from deberta_jax.models.encoder import Embeddings, Encoder
+from deberta_jax.models.encoder import Embeddings
+from deberta_jax.models.encoder import Encoder
 
 BACKBONE_KEYS = ("embeddings", "encoder")
 HEAD_KEYS = ("pooler", "classifier")
@@ -77,7 +77,6 @@ def merge_backbone(params: Mapping[str, Any], backbone: Mapping[str, Any]) -> di
   Raises ValueError naming the first parameter whose shape differs or that the backbone lacks;
   heads the backbone carries (RTD `mask_predictions`, MLM `lm_head`) are ignored.
   """
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   ours = traverse_util.flatten_dict(dict(params))
   theirs = traverse_util.flatten_dict({k: backbone[k] for k in BACKBONE_KEYS if k in backbone})
   out = {}
@@ -93,42 +92,3 @@ def merge_backbone(params: Mapping[str, Any], backbone: Mapping[str, Any]) -> di
                        f"model shape {np.shape(value)}")
     out[path] = new
   return traverse_util.unflatten_dict(out)
-
-
-def save_pretrained(path: str, model_config: ModelConfig, params: Mapping[str, Any],
-                    num_labels: int, label_names: Sequence[str] | None = None,
-                    spm_model: str | None = None, mask_token_id: int | None = None,
-                    cls_dropout: float | None = None) -> None:
-  """A HF DebertaV2ForSequenceClassification directory of a fine-tuned classifier tree.
-
-  The backbone goes through `deberta_jax.hf.save_pretrained`; the pooler and classifier are added
-  under their HF keys (`pooler.dense.*`, `classifier.*`, torch's [out, in] kernels) and
-  config.json gets the architecture, `num_labels`/`id2label` and `cls_dropout`.
-  """
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
-  from deberta_jax import hf  # pylint: disable=import-outside-toplevel
-
-  backbone = {k: params[k] for k in BACKBONE_KEYS}
-  hf.save_pretrained(path, model_config, backbone, spm_model, mask_token_id)
-  weights = os.path.join(path, hf.SAFETENSORS_FILE)
-  state = load_file(weights)
-  for torch_name, module in (("pooler.dense", params["pooler"]["dense"]),
-                             ("classifier", params["classifier"])):
-    state[f"{torch_name}.weight"] = np.ascontiguousarray(np.asarray(module["kernel"], np.float32).T)
-    state[f"{torch_name}.bias"] = np.ascontiguousarray(np.asarray(module["bias"], np.float32))
-  save_file(state, weights + ".tmp", metadata={"format": "pt"})
-  os.replace(weights + ".tmp", weights)
-  config_path = os.path.join(path, hf.CONFIG_FILE)
-  with open(config_path) as f:
-    config = json.load(f)
-  names = list(label_names) if label_names else [f"LABEL_{i}" for i in range(num_labels)]
-  config["architectures"] = ["DebertaV2ForSequenceClassification"]
-  config["num_labels"] = num_labels
-  config["id2label"] = {str(i): n for i, n in enumerate(names)}
-  config["label2id"] = {n: i for i, n in enumerate(names)}
-  if num_labels == 1:
-    config["problem_type"] = "regression"
-  if cls_dropout is not None:
-    config["cls_dropout"] = cls_dropout
-  with open(config_path, "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)

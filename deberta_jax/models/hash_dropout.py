@@ -1,14 +1,15 @@
 """Dropout masks from a counter hash: every dropout in the model, inside and outside the kernels.
 
 A keep decision is a pure function of (seed, stream, counter): one 32-bit seed per dropout site
-and step (drawn from flax's 'dropout' RNG), a stream per row (the flattened leading index, or
-batch * heads + head for attention probabilities) and a counter along the row. Why a hash and not
-`jax.random.bernoulli`: threefry spends about twenty rounds per 32 random bits, the hash a
-handful of integer operations (tiny's CPU step went from 98-119 to 85-91 ms, and XLA recomputes
-the mask in the backward pass instead of keeping the bits: docs/benchmarks.md); the fused
-attention kernels must regenerate their mask in the backward pass from positions alone, which a
-hash allows and a stateful generator does not; and iotas over global positions give the same
-mask on every mesh.
+and step (drawn from flax's 'dropout' RNG), a stream per row (the flattened leading index with
+the batch row counted globally, or global batch row * heads + head for attention probabilities)
+and a counter along the row. Why a hash and not `jax.random.bernoulli`: threefry spends about
+twenty rounds per 32 random bits, the hash a handful of integer operations (a faster CPU step,
+and XLA recomputes the mask in the backward pass instead of keeping the bits:
+docs/CHANGELOG.md); the fused attention kernels must regenerate their mask in the backward pass
+from positions alone, which a hash allows and a stateful generator does not; and global row
+indices and positions give the same mask on every mesh and for every micro-batch split
+(`RowLayout`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from deberta_jax import vocab_blocks
+from deberta_jax.models import vocab_blocks
 from deberta_jax.models import layers
 from deberta_jax.models.config import ModelConfig
 

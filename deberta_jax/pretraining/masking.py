@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from deberta_jax import vocab_blocks
+from deberta_jax.models import vocab_blocks
 
 
 class MaskedBatch(NamedTuple):

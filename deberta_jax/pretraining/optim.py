@@ -28,16 +28,19 @@ def decay_mask(params):
   return traverse_util.unflatten_dict(mask)
 
 
-def make_optimizer(optim_config, peak_learning_rate: float,
-                   total_steps: int) -> optax.GradientTransformation:
-  schedule = learning_rate_schedule(peak_learning_rate, optim_config.warmup_steps, total_steps,
-                                    optim_config.end_learning_rate)
+def make_optimizer(hparams, peak_learning_rate: float, warmup_steps: int, total_steps: int,
+                   end_learning_rate: float = 0.0) -> tuple[optax.GradientTransformation,
+                                                            optax.Schedule]:
+  """(clip -> AdamW on the warmup/decay schedule, the schedule), for pre-training and
+  fine-tuning alike; `hparams` has b1, b2, eps, weight_decay and clip_norm (0 = no clipping)."""
+  schedule = learning_rate_schedule(peak_learning_rate, warmup_steps, total_steps,
+                                    end_learning_rate)
   parts = []
-  if optim_config.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(optim_config.clip_norm))
-  parts.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                           weight_decay=optim_config.weight_decay, mask=decay_mask))
-  return optax.chain(*parts)
+  if hparams.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(hparams.clip_norm))
+  parts.append(optax.adamw(schedule, b1=hparams.b1, b2=hparams.b2, eps=hparams.eps,
+                           weight_decay=hparams.weight_decay, mask=decay_mask))
+  return optax.chain(*parts), schedule
 
 
 def peak_learning_rates(config) -> tuple[float, float]:

@@ -1,23 +1,17 @@
 """Throughput of the full RTD training step, optionally side by side with a PyTorch reference.
 
-  python -m deberta_jax.bench --config=configs/base.py --seq_len 512 --batch 32 --reference=torch
+  python -m benchmarks.bench --config=configs/base.py --seq_len 512 --batch 32 --reference=torch
 
 Builds the model, both optimizers and the sharded state exactly as training does
 (`train.create_state`, `train_step.make_train_step`, `sharding.make_mesh`), feeds synthetic token
 batches ([CLS] random ids [SEP], no padding, no corpus), compiles the step ahead of time, runs
 `--warmup` steps, then times `--steps` steps (one `block_until_ready` at the end: throughput, as
 training overlaps dispatch) and reports tokens/s, seconds per step, peak memory and MFU against
-the analytic FLOP count of `deberta_jax.flops` (spec section 2.2) and the device's bf16 peak.
+the analytic FLOP count of `deberta_jax.pretraining.flops` (spec section 2.2) and the device's bf16 peak.
 
-With `--reference=torch` the same process also times a PyTorch RTD step of the same sizes built
-from transformers' DebertaV2 on the same device (CUDA when JAX runs on a GPU and torch has CUDA,
-else CPU): generator (`DebertaV2ForMaskedLM`, the generator depth, LM head on the masked positions
-only) forward + MLM loss + backward + AdamW, multinomial sampling of the replacements,
-discriminator (`DebertaV2Model` fed GDES embeddings stop_grad(E_G) + E_delta, plus the RTD head
-LN(h + h_CLS) -> dense -> gelu -> dense(1)) forward + lambda * BCE + backward + AdamW. Both
-optimizers clip the global norm like ours. bf16 autocast when model.dtype is bfloat16, float32
-(TF32 matmuls on GPU, like XLA's default precision) otherwise. The reference has no Enhanced Mask
-Decoder (HF has none): it runs N_g generator layers where ours runs N_g + 1 layer passes.
+With `--reference=torch` the same process also times the PyTorch RTD step of
+`benchmarks/torch_reference.py` (transformers' DebertaV2, the same sizes) on the same device
+(CUDA when JAX runs on a GPU and torch has CUDA, else CPU).
 
 The last line of stdout is one JSON object (tokens_per_second, step_seconds, mfu,
 peak_memory_bytes, device, config, seq_len, batch, ...; with a reference also
@@ -38,18 +32,19 @@ Notes:
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from deberta_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file under configs/ (e.g. configs/base.py).",
@@ -116,9 +111,11 @@ def bench_jax(config, batches, steps: int, warmup: int, repeats: int = 1,
   """
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from deberta_jax import planning, sharding, train  # pylint: disable=import-outside-toplevel
-  from deberta_jax import train_step as ts  # pylint: disable=import-outside-toplevel
-  from deberta_jax.rtd import RTDModel  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining import planning  # pylint: disable=import-outside-toplevel
+  from deberta_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining import train  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining import train_step as ts  # pylint: disable=import-outside-toplevel
+  from deberta_jax.models.rtd import RTDModel  # pylint: disable=import-outside-toplevel
 
   mesh = sharding.make_mesh(config)
   num_micro = train.microbatches(config, mesh)
@@ -134,8 +131,9 @@ def bench_jax(config, batches, steps: int, warmup: int, repeats: int = 1,
                 for k, v in b.items()} for b in batches]
   tokens = ts.SpecialTokens(*special_ids(config.model.vocab_size))
   t0 = time.perf_counter()
-  compiled = planning.compile_step(model, optimizers, config, tokens, mesh,
-                                   train.abstract_of(state), state_shardings, num_micro).compiled
+  jitted = train.jit_step(model, optimizers, config, tokens, mesh, state_shardings, num_micro)
+  compiled = planning.compile_step(jitted, config, mesh, train.abstract_of(state),
+                                   num_micro).compiled
   compile_seconds = time.perf_counter() - t0
 
   metrics = None
@@ -164,7 +162,7 @@ def bench_jax(config, batches, steps: int, warmup: int, repeats: int = 1,
     if name in final and not np.isfinite(final[name]):
       raise RuntimeError(f"non-finite {name} in the benchmark: {final}")
   device = jax.local_devices()[0]
-  step_seconds = _median(windows)
+  step_seconds = statistics.median(windows)
   return {
       "step_seconds": step_seconds,
       "window_step_seconds": windows,
@@ -183,12 +181,6 @@ def bench_jax(config, batches, steps: int, warmup: int, repeats: int = 1,
       "jax_version": jax.__version__,
       "profile": profile,
   }
-
-
-def _median(values):
-  ordered = sorted(values)
-  mid = len(ordered) // 2
-  return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 def _device_peak_memory(jax_module) -> tuple[int | None, str]:
@@ -324,163 +316,6 @@ def _self_times(line_events):
   return out
 
 
-# ------------------------------------------------------------------------ PyTorch reference side
-
-def bench_torch(config, batches, steps: int, warmup: int, device: str,
-                compile_backbones: bool = False, repeats: int = 1, threads: int = 0) -> dict:
-  """Times the PyTorch (transformers DebertaV2) RTD step described in the module docstring."""
-  import torch  # pylint: disable=import-outside-toplevel
-  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
-  from deberta_jax import config_lib, hf  # pylint: disable=import-outside-toplevel
-  from deberta_jax.models.config import generator_config  # pylint: disable=import-outside-toplevel
-
-  torch.manual_seed(config.seed)
-  if threads > 0:
-    torch.set_num_threads(threads)
-  dev = torch.device(device)
-  cuda = dev.type == "cuda"
-  if cuda:
-    torch.backends.cuda.matmul.allow_tf32 = True  # XLA's default f32 dot precision on GPU
-    torch.backends.cudnn.allow_tf32 = True
-  disc_cfg = config_lib.discriminator_config(config)
-  gen_cfg = generator_config(config.model)
-  as_hf = lambda c, arch: transformers.DebertaV2Config.from_dict(hf.config_to_hf(c, arch))
-  gen = transformers.DebertaV2ForMaskedLM(as_hf(gen_cfg, "DebertaV2ForMaskedLM")).to(dev).train()
-  disc = transformers.DebertaV2Model(as_hf(disc_cfg, "DebertaV2Model")).to(dev).train()
-  hidden, vocab = disc_cfg.hidden_size, disc_cfg.vocab_size
-  head = torch.nn.ModuleDict({
-      "LayerNorm": torch.nn.LayerNorm(hidden, eps=disc_cfg.layer_norm_eps),
-      "dense": torch.nn.Linear(hidden, hidden),
-      "classifier": torch.nn.Linear(hidden, 1)}).to(dev).train()
-  delta = torch.nn.Parameter(torch.zeros(vocab, hidden, device=dev))  # GDES E_delta
-  if compile_backbones:
-    gen.deberta.compile()
-    disc.compile()
-
-  o = config.optim
-  adamw = lambda params: torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.b1, o.b2),
-                                           eps=o.eps, weight_decay=o.weight_decay, fused=cuda)
-  gen_params = list(gen.parameters())
-  # The discriminator's own word table is unused under GDES (E_D = stop_grad(E_G) + E_delta).
-  disc_params = ([p for n, p in disc.named_parameters() if "word_embeddings" not in n]
-                 + list(head.parameters()) + [delta])
-  gen_opt, disc_opt = adamw(gen_params), adamw(disc_params)
-  # The same linear warmup / linear decay as optim.learning_rate_schedule (multiplier of lr).
-  warm, total = max(1, o.warmup_steps), max(1, config.num_train_steps)
-  end = o.end_learning_rate / o.learning_rate
-  factor = lambda s: (s / warm if s < warm else
-                      1.0 + (end - 1.0) * min(1.0, (s - warm) / max(1, total - warm)))
-  schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in (gen_opt, disc_opt)]
-
-  autocast_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else None
-  if config.model.dtype == "float16":
-    autocast_dtype = torch.float16
-  autocast = lambda: torch.autocast(dev.type, dtype=autocast_dtype,
-                                    enabled=autocast_dtype is not None)
-  p_mask, temperature = float(config.rtd.mask_prob), float(config.rtd.temperature)
-  rtd_lambda, clip = float(config.rtd.rtd_lambda), float(o.clip_norm)
-  pad, cls, sep, unk, mask_id = special_ids(config.model.vocab_size)
-  never = torch.tensor([pad, cls, sep, unk, mask_id], device=dev)
-  on_device = [{k: torch.as_tensor(v, dtype=torch.long, device=dev) for k, v in b.items()}
-               for b in batches]
-  length = batches[0]["input_ids"].shape[1]
-  slots = max(1, math.ceil(p_mask * length))  # = masking.max_predictions
-  word_table = gen.deberta.embeddings.word_embeddings
-
-  def rtd_step(ids, attention):
-    rows = ids.shape[0]
-    # Masking: round(p * candidates) per row, uniformly without replacement, as masking.py.
-    candidate = attention.bool() & ~torch.isin(ids, never)
-    count = candidate.sum(-1)
-    n_mask = torch.maximum(torch.round(p_mask * count).clamp(max=slots), (count > 0).long())
-    keys = torch.where(candidate, torch.rand(ids.shape, device=dev), -1.0)
-    positions = keys.topk(slots, dim=-1).indices
-    weights = torch.arange(slots, device=dev)[None, :] < n_mask[:, None]
-    positions = torch.where(weights, positions, 0)
-    labels = ids.gather(1, positions)
-    masked = ids.scatter(1, positions, torch.where(weights, mask_id, labels))
-
-    # Generator: MLM loss on the masked positions, backward, AdamW.
-    with autocast():
-      states = gen.deberta(input_ids=masked, attention_mask=attention).last_hidden_state
-      at_masks = states.gather(1, positions[..., None].expand(rows, slots, states.shape[-1]))
-      logits = gen.lm_predictions(at_masks, word_table)
-    logits = logits.float()
-    w = weights.float().reshape(-1)
-    nll = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none")
-    mlm_loss = (nll * w).sum() / w.sum().clamp(min=1.0)
-    mlm_loss.backward()
-    if clip > 0:
-      torch.nn.utils.clip_grad_norm_(gen_params, clip)
-    gen_opt.step()
-    gen_opt.zero_grad(set_to_none=True)
-
-    # Sampling (no gradient) and the replaced batch.
-    with torch.no_grad():
-      probs = torch.softmax(logits.detach() / temperature, dim=-1)
-      sampled = torch.multinomial(probs.reshape(-1, vocab), 1).reshape(rows, slots)
-      replaced = ids.scatter(1, positions, torch.where(weights, sampled, labels))
-      is_replaced = (replaced != ids).float()
-
-    # Discriminator on the GDES table formed from the *updated* generator table.
-    with autocast():
-      table = word_table.weight.detach() + delta
-      h = disc(inputs_embeds=F.embedding(replaced, table),
-               attention_mask=attention).last_hidden_state
-      u = head["LayerNorm"](h + h[:, :1, :])
-      u = F.gelu(head["dense"](u))
-      rtd_logits = head["classifier"](u)[..., 0]
-    am = attention.float()
-    bce = F.binary_cross_entropy_with_logits(rtd_logits.float(), is_replaced, reduction="none")
-    rtd_loss = rtd_lambda * (bce * am).sum() / am.sum().clamp(min=1.0)
-    rtd_loss.backward()
-    if clip > 0:
-      torch.nn.utils.clip_grad_norm_(disc_params, clip)
-    disc_opt.step()
-    disc_opt.zero_grad(set_to_none=True)
-    for scheduler in schedulers:
-      scheduler.step()
-    return mlm_loss.detach(), rtd_loss.detach() / max(rtd_lambda, 1e-12)
-
-  sync = torch.cuda.synchronize if cuda else (lambda: None)
-  if cuda:
-    torch.cuda.reset_peak_memory_stats(dev)
-  losses = None
-  for i in range(warmup):
-    b = on_device[i % len(on_device)]
-    losses = rtd_step(b["input_ids"], b["attention_mask"])
-  sync()
-  windows = []
-  for r in range(repeats):
-    t0 = time.perf_counter()
-    for i in range(steps):
-      b = on_device[(r * steps + i) % len(on_device)]
-      losses = rtd_step(b["input_ids"], b["attention_mask"])
-    sync()
-    windows.append((time.perf_counter() - t0) / steps)
-  step_seconds = _median(windows)
-  result = {
-      "reference_step_seconds": step_seconds,
-      "reference_window_step_seconds": windows,
-      "reference_tokens_per_second": config.global_batch_size * length / step_seconds,
-      "reference_peak_memory_bytes": (int(torch.cuda.max_memory_allocated(dev)) if cuda else None),
-      "reference_device": (torch.cuda.get_device_name(dev) if cuda else "cpu"),
-      "reference_final_metrics": ({"mlm_loss": float(losses[0]), "rtd_loss": float(losses[1])}
-                                  if losses is not None else {}),
-      "reference_autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
-      "reference_torch_compile": bool(compile_backbones),
-      "reference_threads": torch.get_num_threads(),
-      "torch_version": torch.__version__,
-      "transformers_version": transformers.__version__,
-  }
-  del gen, disc, head, delta, gen_opt, disc_opt, on_device
-  gc.collect()
-  if cuda:
-    torch.cuda.empty_cache()
-  return result
-
-
 # ------------------------------------------------------------------------------------- driver
 
 def configure(config, seq_len: int | None, batch: int | None, num_devices: int):
@@ -502,7 +337,8 @@ def measure(config, steps: int, warmup: int, reference: str = "none",
             profile_dir: str | None = None) -> dict:
   """Benchmarks `config` (seq_len and global_batch_size already set); returns the JSON record."""
   import jax  # pylint: disable=import-outside-toplevel
-  from deberta_jax import config_lib, flops  # pylint: disable=import-outside-toplevel
+  from deberta_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining import flops  # pylint: disable=import-outside-toplevel
 
   config_lib.validate(config)
   batches = synthetic_batches(config.global_batch_size, config.seq_len, config.model.vocab_size,
@@ -511,7 +347,9 @@ def measure(config, steps: int, warmup: int, reference: str = "none",
   platform = jax.default_backend()
   torch_device = "cpu"
   if reference == "torch":
+    # Late: torch and transformers are test-only dependencies, needed only for the reference.
     import torch  # pylint: disable=import-outside-toplevel
+    from benchmarks import torch_reference  # pylint: disable=import-outside-toplevel
     if platform == "gpu" and torch.cuda.is_available():
       torch_device = "cuda"
     elif platform != "cpu":
@@ -519,8 +357,9 @@ def measure(config, steps: int, warmup: int, reference: str = "none",
                       "and the speedup compares different devices", platform)
     if torch_device == "cuda":  # reference first, then its cache is freed for JAX
       _progress("torch reference: start")
-      ref = bench_torch(config, batches, steps, warmup, torch_device, torch_compile, repeats,
-                        torch_threads)
+      ref = torch_reference.bench_torch(config, batches, special_ids(config.model.vocab_size),
+                                        steps, warmup, torch_device, torch_compile, repeats,
+                                        torch_threads)
       _progress(f"torch reference: {ref['reference_tokens_per_second']:.0f} tokens/s")
   _progress("jax: build, compile and time")
   ours = bench_jax(config, batches, steps, warmup, repeats, profile_dir)
@@ -528,8 +367,9 @@ def measure(config, steps: int, warmup: int, reference: str = "none",
             f"{ours['compile_seconds']:.1f} s)")
   if reference == "torch" and ref is None:
     _progress("torch reference: start")
-    ref = bench_torch(config, batches, steps, warmup, torch_device, torch_compile, repeats,
-                        torch_threads)
+    ref = torch_reference.bench_torch(config, batches, special_ids(config.model.vocab_size),
+                                      steps, warmup, torch_device, torch_compile, repeats,
+                                      torch_threads)
 
   spec = flops.flops_per_token(config)
   executed = flops.flops_per_token(config, count="executed")
@@ -621,21 +461,22 @@ def _summary(r: dict) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise cli.app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _REFERENCE.value == "torch":
     # Both frameworks share one accelerator: JAX must not grab 75% of it up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   config = _CONFIG.value
   # As training does: one CPU device per core (a no-op on accelerators). With no --batch the
   # global batch is 8 per device, which any device count divides.
-  from deberta_jax import cpu_devices  # pylint: disable=import-outside-toplevel
+  from deberta_jax.runtime import cpu_devices  # pylint: disable=import-outside-toplevel
   split = config.copy_and_resolve_references()
   split.global_batch_size = (_BATCH.value if _BATCH.value is not None
                              else 8 * cpu_devices.available_cores())
   cpu_devices.apply(split)
   # Imported here so that nothing touches jax before the environment is settled.
   import jax  # pylint: disable=import-outside-toplevel
-  from deberta_jax import config_lib, sharding  # pylint: disable=import-outside-toplevel
+  from deberta_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from deberta_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
 
   try:
     devices = jax.devices()
@@ -648,12 +489,10 @@ def main(argv):
     if config.global_batch_size % dp:
       raise config_lib.ConfigError(f"--batch={config.global_batch_size} is not divisible by the "
                                    f"{dp} data-parallel devices")
-  except (config_lib.ConfigError, ValueError) as e:  # ValueError: a mesh that does not fit
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except ValueError as e:  # a mesh that does not fit; ConfigError is handled by cli.run
+    raise config_lib.ConfigError(str(e)) from e
   if _STEPS.value < 1 or _WARMUP.value < 0 or _REPEATS.value < 1:
-    print("error: --steps and --repeats must be >= 1, --warmup >= 0", file=sys.stderr)
-    sys.exit(2)
+    raise cli.app.UsageError("--steps and --repeats must be >= 1, --warmup >= 0")
   profile_dir = None
   if _PROFILE.value:
     import tempfile  # pylint: disable=import-outside-toplevel
@@ -664,11 +503,5 @@ def main(argv):
   print(json.dumps(record), flush=True)
 
 
-def run():
-  # Config files import `configs.common`; make the repository root importable from any cwd.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  app.run(main)
-
-
 if __name__ == "__main__":
-  run()
+  cli.run(main)

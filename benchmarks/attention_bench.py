@@ -1,6 +1,6 @@
 """Attention micro-benchmark: disentangled vs plain dot-product attention, fwd and fwd+bwd.
 
-  python -m deberta_jax.attention_bench --batch 32 --seq_len 512 --heads 12 --head_dim 64
+  python -m benchmarks.attention_bench --batch 32 --seq_len 512 --heads 12 --head_dim 64
 
 Times, at one shape [batch, seq_len, heads x head_dim] and with the same Q/K/V projections in
 every variant (the output projection belongs to the layer, not to attention, in all of them):
@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 
-from absl import app
 from absl import flags
+
+from deberta_jax import cli
 
 _BATCH = flags.DEFINE_integer("batch", 32, "Sequences.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Sequence length.")
@@ -167,7 +166,7 @@ def measure(batch: int, length: int, heads: int, head_dim: int, buckets: int, dt
             impls, steps: int, warmup: int, flash_block: int = 64) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from deberta_jax import flops  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining import flops  # pylint: disable=import-outside-toplevel
 
   device = jax.local_devices()[0]
   if dtype == "auto":
@@ -215,11 +214,11 @@ def measure(batch: int, length: int, heads: int, head_dim: int, buckets: int, dt
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise cli.app.UsageError(f"unexpected arguments: {argv[1:]}")
   impls = _IMPLS.value
   unknown = [i for i in impls or () if i not in OURS + PLAIN]
   if unknown:
-    raise app.UsageError(f"--impls: unknown {unknown}; choose from {OURS + PLAIN}")
+    raise cli.app.UsageError(f"--impls: unknown {unknown}; choose from {OURS + PLAIN}")
   if impls is None:
     import jax  # pylint: disable=import-outside-toplevel
     impls = [i for i in OURS + PLAIN if not (i == "flash" and jax.default_backend() == "cpu")]
@@ -245,10 +244,5 @@ def main(argv):
   print(json.dumps(r), flush=True)
 
 
-def run():
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  app.run(main)
-
-
 if __name__ == "__main__":
-  run()
+  cli.run(main)

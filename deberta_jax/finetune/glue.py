@@ -18,11 +18,14 @@ import dataclasses
 import os
 from typing import Sequence
 
-import numpy as np
 from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
 
 from deberta_jax.data import DataError
-from deberta_jax.data.tokenizer import CLS_ID, PAD_ID, SEP_ID
+from deberta_jax.data.spm import CLS_ID
+from deberta_jax.data.spm import PAD_ID
+from deberta_jax.data.spm import SEP_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,11 +194,6 @@ def read_glue_dir(task: Task, glue_dir: str) -> dict[str, Split]:
 
 def _tfds_source(name: str, split: str, data_dir: str):
   """tfds.data_source: no TensorFlow, so only datasets prepared as array_record can be read."""
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise DataError("reading GLUE from tfds needs tensorflow_datasets; or set config.glue_dir "
-                    "to a directory of GLUE TSV files") from e
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as e:  # DatasetNotFoundError, NotImplementedError..  pylint: disable=broad-except

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from absl import logging
+import jax
 
 from deberta_jax.data import corpus
 
@@ -33,7 +34,6 @@ def enable(config) -> str | None:
   path = resolve_dir(config)
   if path is None:
     return None
-  import jax  # pylint: disable=import-outside-toplevel
   # jax stores only programs that took over a second to compile; the training step always does.
   jax.config.update("jax_compilation_cache_dir", path)
   logging.info("Compilation cache: %s", path)

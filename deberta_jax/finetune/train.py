@@ -20,15 +20,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any
 
-import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
+from flax.linen import meta
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
+import numpy as np
+import optax
+
+from deberta_jax import cli
+from deberta_jax import errors
+from deberta_jax import hf
+from deberta_jax import workdir as workdir_lib
+from deberta_jax.config import FLOAT16_REFUSED
+from deberta_jax.data.spm import Tokenizer
+from deberta_jax.finetune import glue
+from deberta_jax.finetune import glue_metrics
+from deberta_jax.models import classifier as classifier_lib
+from deberta_jax.models.config import ATTENTION_IMPLS
+from deberta_jax.pretraining import optim
+from deberta_jax.runtime import distributed
+from deberta_jax.runtime import sharding
 
 _FLAGS = {}
 
@@ -42,18 +59,12 @@ def _define_flags() -> None:
                                           "Output directory of this fine-tuning run.")
   flags.mark_flags_as_required(["config", "workdir"])
 
-EXIT_BAD_INPUT = 2
-EXIT_NON_FINITE = 3
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-class FinetuneError(ValueError):
+class FinetuneError(errors.BadInput):
   """Bad fine-tuning input: the message names the config field or path."""
-
-
-class NonFiniteError(RuntimeError):
-  """The training loss became NaN/inf."""
 
 
 @dataclasses.dataclass
@@ -72,7 +83,6 @@ class Init:
 # ----------------------------------------------------------------------------------- validation
 
 def validate(config) -> None:
-  from deberta_jax.models.config import ATTENTION_IMPLS  # pylint: disable=import-outside-toplevel
 
   def require(ok, field, message):
     if not ok:
@@ -89,7 +99,6 @@ def validate(config) -> None:
   require(0 <= config.cls_dropout < 1, "cls_dropout", "must be in [0, 1)")
   require(0 <= config.pooler_dropout < 1, "pooler_dropout", "must be in [0, 1)")
   require(config.backbone_dropout < 1, "backbone_dropout", "must be < 1 (< 0 keeps the model's)")
-  from deberta_jax.config_lib import FLOAT16_REFUSED  # pylint: disable=import-outside-toplevel
   require(config.model_dtype != "float16", "model_dtype", FLOAT16_REFUSED)
   require(config.model_dtype in ("float32", "bfloat16"), "model_dtype",
           f"{config.model_dtype!r} is not float32 or bfloat16")
@@ -103,10 +112,9 @@ def validate(config) -> None:
 
 def init_kind(path: str) -> str:
   """'pretraining_workdir' or 'hf'; FinetuneError for anything else (cheap: reads no weights)."""
-  from deberta_jax import analyze, hf  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(path):
     raise FinetuneError(f"config.init={path!r} is not a directory")
-  if analyze.is_pretraining_workdir(path):
+  if workdir_lib.is_pretraining_workdir(path):
     return "pretraining_workdir"
   has_weights = any(os.path.isfile(os.path.join(path, f))
                     for f in (hf.SAFETENSORS_FILE, hf.TORCH_FILE))
@@ -118,25 +126,22 @@ def init_kind(path: str) -> str:
 
 
 def load_init(path: str, step: int | None = None) -> Init:
-  from deberta_jax import analyze, hf, train  # pylint: disable=import-outside-toplevel
   kind = init_kind(path)
-  spm = os.path.join(path, train.SPM_FILE if kind == "pretraining_workdir" else hf.SPM_FILE)
+  spm = os.path.join(path, workdir_lib.SPM_FILE if kind == "pretraining_workdir" else hf.SPM_FILE)
   if not os.path.isfile(spm):
     raise FinetuneError(f"config.init={path!r} has no {os.path.basename(spm)} (the tokenizer)")
   if kind == "pretraining_workdir":
-    return init_from_workdir(path, *analyze.load_workdir(path, step))
+    return init_from_workdir(path, *workdir_lib.load(path, step))
   model_config, params = hf.load_pretrained(path)
   return Init(kind, path, model_config, params, spm)
 
 
 def init_from_workdir(path: str, run_config, model, params, step: int) -> Init:
-  """The Init of an already restored pre-training workdir (`analyze.load_workdir`'s values): the
+  """The Init of an already restored pre-training workdir (`workdir.load`'s values): the
   discriminator as a standalone network, E_D = E_G + E_delta materialised under GDES."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from deberta_jax import train  # pylint: disable=import-outside-toplevel
   disc = jax.tree.map(np.asarray, jax.device_get(model.export_discriminator_params(params)))
   return Init("pretraining_workdir", path, model.discriminator_config, disc,
-              os.path.join(path, train.SPM_FILE), step, run_config.model.embedding_sharing)
+              os.path.join(path, workdir_lib.SPM_FILE), step, run_config.model.embedding_sharing)
 
 
 # --------------------------------------------------------------------------------------- data
@@ -149,7 +154,6 @@ class TaskData:
 
 
 def load_data(config, tokenizer):
-  from deberta_jax import glue  # pylint: disable=import-outside-toplevel
   task = glue.get_task(config.task)
   splits = glue.load(task, config.glue_dir, config.tfds_data_dir)
   train_split = splits["train"].take(config.max_train_examples)
@@ -176,17 +180,12 @@ def _model_config(init: Init, config):
 
 
 def make_optimizer(config, total_steps: int):
-  import optax  # pylint: disable=import-outside-toplevel
-  from deberta_jax import optim  # pylint: disable=import-outside-toplevel
+  """(optimizer, schedule, warmup steps): the pre-training optimizer with the fine-tuning
+  config's hyper-parameters; warmup_steps, else warmup_proportion of the run."""
   warmup = config.warmup_steps or int(round(config.warmup_proportion * total_steps))
   warmup = min(warmup, total_steps)
-  schedule = optim.learning_rate_schedule(config.learning_rate, warmup, total_steps)
-  parts = []
-  if config.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(config.clip_norm))
-  parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                           weight_decay=config.weight_decay, mask=optim.decay_mask))
-  return optax.chain(*parts), schedule, warmup
+  tx, schedule = optim.make_optimizer(config, config.learning_rate, warmup, total_steps)
+  return tx, schedule, warmup
 
 
 def _write_json(path: str, value) -> None:
@@ -202,25 +201,8 @@ def run(config, workdir: str, init: Init | None = None) -> dict:
   `init`, when given, is the already loaded `config.init` (callers that fine-tune one model on
   several tasks restore it once).
   """
-  # --- 1. Everything checkable before touching a device.
-  from deberta_jax import glue  # pylint: disable=import-outside-toplevel
-  validate(config)
-  task = glue.get_task(config.task)
-  init_kind(config.init)
-  if config.glue_dir:
-    if not os.path.isdir(config.glue_dir):
-      raise FinetuneError(f"config.glue_dir={config.glue_dir!r} is not a directory")
-    glue.task_dir(task, config.glue_dir)
-
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  from flax.linen import meta  # pylint: disable=import-outside-toplevel
-  from deberta_jax import glue_metrics, sharding  # pylint: disable=import-outside-toplevel
-  from deberta_jax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
-  from deberta_jax.models import classifier as classifier_lib  # pylint: disable=import-outside-toplevel
-
+  # --- 1. Everything checkable before touching a device, then the model and the data.
+  task = check_inputs(config)
   wall_start = time.time()
   if init is None or os.path.abspath(init.path) != os.path.abspath(config.init):
     init = load_init(config.init, None if config.init_step < 0 else config.init_step)
@@ -233,181 +215,37 @@ def run(config, workdir: str, init: Init | None = None) -> dict:
   model = classifier_lib.SequenceClassifier(model_config, task.num_labels, config.cls_dropout,
                                             config.pooler_dropout)
 
-  # --- 2. Mesh, state (sharded by the logical-axis rules, as pre-training), optimizer.
-  try:
-    mesh = sharding.make_mesh(config)
-  except ValueError as e:
-    raise FinetuneError(str(e)) from e
-  dp = sharding.data_parallel_size(mesh)
-  if config.batch_size % dp:
-    raise FinetuneError(f"config.batch_size={config.batch_size} is not divisible by the {dp} "
-                        f"data-parallel devices (mesh.data * mesh.fsdp)")
-  eval_batch = -(-config.eval_batch_size // dp) * dp
-  n_train = len(data.train)
-  steps_per_epoch = -(-n_train // config.batch_size)
+  # --- 2. Mesh, optimizer, state (sharded by the logical-axis rules, as pre-training), steps.
+  mesh = _mesh(config)
+  steps_per_epoch = -(-len(data.train) // config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
   tx, schedule, warmup = make_optimizer(config, total_steps)
-  rules = sharding.LOGICAL_RULES
-  ids0 = jnp.zeros((1, data.train.seq_len), jnp.int32)
-
-  def init_boxed(key):
-    params = model.init(key, ids0, jnp.ones_like(ids0), True)["params"]
-    return params, tx.init(params)
-
-  key = jax.random.key(config.seed)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init_boxed, key)
-    param_shardings, opt_shardings = sharding.logical_to_sharding(abstract, mesh)
-    fresh = jax.jit(lambda k: meta.unbox(init_boxed(k)[0]))(key)
-  try:
-    params = classifier_lib.merge_backbone(jax.device_get(fresh), init.params)
-  except ValueError as e:
-    raise FinetuneError(f"config.init={init.path!r}: {e}") from e
-  params = jax.device_put(params, param_shardings)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-  state_shardings = {"step": sharding.replicated(mesh), "params": param_shardings,
-                     "opt_state": opt_shardings}
-  batch_sharding = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
-  dropout_key = jax.random.fold_in(key, 1)
-  regression = task.is_regression
-
-  def per_example_loss(logits, labels):
-    if regression:
-      return jnp.square(logits[:, 0] - labels.astype(jnp.float32))
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-  def train_step(state, batch):
-    rng = jax.random.fold_in(dropout_key, state["step"])
-
-    def loss_fn(p):
-      logits = model.apply({"params": p}, batch["input_ids"], batch["attention_mask"], False,
-                           rngs={"dropout": rng})
-      w = batch["weight"]
-      loss = jnp.sum(per_example_loss(logits, batch["label"]) * w) / jnp.maximum(jnp.sum(w), 1.0)
-      return loss, logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {"step": state["step"] + 1,
-                 "params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state}
-    w = batch["weight"]
-    scalars = {"loss": loss, "grad_norm": optax.tree.norm(grads), "weight": jnp.sum(w)}
-    if not regression:
-      hits = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-      scalars["accuracy"] = jnp.sum(hits * w) / jnp.maximum(jnp.sum(w), 1.0)
-    return new_state, scalars
-
-  def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], True)
-    return logits
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    train_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_fn = jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding),
-                      out_shardings=replicated)
-
-  pcount, pindex = jax.process_count(), jax.process_index()
-
-  def device_batch(feats, rows, weight):
-    """Global rows -> this process's slice -> one global jax.Array per field."""
-    local = slice(pindex * len(rows) // pcount, (pindex + 1) * len(rows) // pcount)
-    rows = rows[local]
-    fields = {"input_ids": feats.input_ids[rows], "attention_mask": feats.attention_mask[rows],
-              "label": feats.labels[rows], "weight": weight[local].astype(np.float32)}
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-            for k, v in fields.items()}
-
-  def evaluate(params, feats):
-    n = len(feats)
-    outputs = []
-    for start in range(0, n, eval_batch):
-      rows = np.arange(start, start + eval_batch)
-      weight = (rows < n).astype(np.float32)
-      rows = np.where(rows < n, rows, 0)
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        logits = eval_fn(params, device_batch(feats, rows, weight))
-      outputs.append(np.asarray(jax.device_get(logits)))
-    logits = np.concatenate(outputs)[:n]
-    predictions = logits[:, 0] if regression else np.argmax(logits, -1)
-    scores = glue_metrics.compute(task.metrics, predictions, feats.labels)
-    scores["score"] = glue_metrics.task_score(scores, task.metrics)
-    return scores
+  state, shardings = init_state(model, tx, config, mesh, data.train.seq_len, init)
+  train_fn, eval_fn = jit_steps(model, tx, task.is_regression, config.seed, mesh, shardings)
+  batches = Batches(mesh)
 
   # --- 3. The loop: shuffled epochs, dev evaluation each `eval_every_epochs`.
-  is_chief = pindex == 0
+  is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  metrics_file = open(os.path.join(workdir, METRICS_FILE), "w", encoding="utf-8") \
-      if is_chief else None
-  results = {
-      "task": task.name, "metrics": list(task.metrics), "score": "mean of " + "/".join(
-          task.metrics) + f" on {task.eval_splits[0]}",
-      "init": {"path": init.path, "kind": init.kind, "step": init.step,
-               "embedding_sharing": init.embedding_sharing},
-      "model": {"hidden_size": model_config.hidden_size, "num_layers": model_config.num_layers,
-                "num_heads": model_config.num_heads, "vocab_size": model_config.vocab_size},
-      "train_examples": n_train, "eval_examples": {k: len(v) for k, v in data.evals.items()},
-      "seq_len": {"train": data.train.seq_len, **{k: v.seq_len for k, v in data.evals.items()}},
-      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
-      "devices": f"{mesh.devices.size} x {jax.devices()[0].device_kind}",
-      "config": config.to_dict(), "epochs": [], "best": None,
-  }
-
-  def log(record):
-    if metrics_file:
-      metrics_file.write(json.dumps(record) + "\n")
-      metrics_file.flush()
-
+  log = MetricsLog(os.path.join(workdir, METRICS_FILE) if is_chief else None)
+  results = _results_header(config, task, init, model_config, data, mesh, steps_per_epoch,
+                            total_steps, warmup)
   logging.info("fine-tuning %s from %s (%s): %d examples, %d epochs x %d steps, warmup %d, "
-               "mesh %s", task.name, init.path, init.kind, n_train, config.num_epochs,
+               "mesh %s", task.name, init.path, init.kind, len(data.train), config.num_epochs,
                steps_per_epoch, warmup, dict(mesh.shape))
-  step = 0
-  sums, count, timer, timed_from = None, 0, None, 0
+  step, best_params = 0, None
   try:
     for epoch in range(1, config.num_epochs + 1):
-      order = np.random.default_rng([config.seed, epoch]).permutation(n_train)
-      for b in range(steps_per_epoch):
-        rows = order[b * config.batch_size:(b + 1) * config.batch_size]
-        weight = np.ones(config.batch_size, np.float32)
-        if len(rows) < config.batch_size:   # the epoch's last, partial batch: padded, weight 0
-          weight[len(rows):] = 0
-          rows = np.concatenate([rows, np.zeros(config.batch_size - len(rows), rows.dtype)])
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-          state, scalars = train_fn(state, device_batch(data.train, rows, weight))
-        step += 1
-        sums = scalars if sums is None else jax.tree.map(jnp.add, sums, scalars)
-        count += 1
-        if timer is None:
-          jax.block_until_ready(state["step"])
-          timer, timed_from = time.time(), step
-        if step % config.log_every_steps == 0 or b == steps_per_epoch - 1:
-          host = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-          if not np.isfinite(host["loss"]):
-            raise NonFiniteError(f"non-finite training loss at step {step} (epoch {epoch})")
-          record = {"step": step, "epoch": epoch, "loss": host["loss"],
-                    "grad_norm": host["grad_norm"], "learning_rate": float(schedule(step - 1))}
-          if "accuracy" in host:
-            record["accuracy"] = host["accuracy"]
-          if step > timed_from:
-            record["examples_per_second"] = (config.batch_size * (step - timed_from) /
-                                             (time.time() - timer))
-          log(record)
-          logging.info("step %d/%d epoch %d loss=%.4f%s lr=%.3g", step, total_steps, epoch,
-                       record["loss"], f" acc={record['accuracy']:.3f}" if "accuracy" in record
-                       else "", record["learning_rate"])
-          sums, count = None, 0
-          timer, timed_from = time.time(), step
+      state, step = train_epoch(train_fn, state, step, epoch, data.train, batches, config,
+                                schedule, total_steps, log)
       if epoch % config.eval_every_epochs and epoch != config.num_epochs:
         continue
       entry = {"epoch": epoch, "step": step}
       for name, feats in data.evals.items():
-        entry[name] = evaluate(state["params"], feats)
-      log({"step": step, "epoch": epoch, **{f"{name}/{k}": v for name in data.evals
-                                             for k, v in entry[name].items()}})
+        entry[name] = evaluate(eval_fn, state["params"], feats, task, batches, mesh,
+                               config.eval_batch_size)
+      log.write({"step": step, "epoch": epoch, **{f"{name}/{k}": v for name in data.evals
+                                                   for k, v in entry[name].items()}})
       logging.info("epoch %d dev: %s", epoch, json.dumps({n: entry[n] for n in data.evals}))
       results["epochs"].append(entry)
       first = task.eval_splits[0]
@@ -419,50 +257,232 @@ def run(config, workdir: str, init: Init | None = None) -> dict:
       if is_chief:
         _write_json(os.path.join(workdir, RESULTS_FILE), results)
   finally:
-    if metrics_file:
-      metrics_file.close()
+    log.close()
   if config.export_best and is_chief:
-    classifier_lib.save_pretrained(
+    hf.save_sequence_classifier(
         os.path.join(workdir, "best_model"), model_config, best_params, task.num_labels,
         glue.label_names(task), init.spm_model, tokenizer.mask_id, config.cls_dropout)
   return results
 
 
-class OwnInfoOnly:
-  """A log filter: INFO records of this project (paths holding `keep`) and every warning; orbax
-  logs ~30 INFO lines per checkpoint it reads."""
+def check_inputs(config):
+  """The task, after every check that needs no device: the config, the init directory's kind,
+  the GLUE directory's files."""
+  validate(config)
+  task = glue.get_task(config.task)
+  init_kind(config.init)
+  if config.glue_dir:
+    if not os.path.isdir(config.glue_dir):
+      raise FinetuneError(f"config.glue_dir={config.glue_dir!r} is not a directory")
+    glue.task_dir(task, config.glue_dir)
+  return task
 
-  def __init__(self, keep=("deberta_jax",)):
-    self.keep = tuple(keep)
 
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or any(k in record.pathname for k in self.keep)
+def _mesh(config):
+  try:
+    mesh = sharding.make_mesh(config)
+  except ValueError as e:
+    raise FinetuneError(str(e)) from e
+  dp = sharding.data_parallel_size(mesh)
+  if config.batch_size % dp:
+    raise FinetuneError(f"config.batch_size={config.batch_size} is not divisible by the {dp} "
+                        f"data-parallel devices (mesh.data * mesh.fsdp)")
+  return mesh
 
 
-def quiet_library_logs(keep=("deberta_jax",)) -> None:
-  import logging as std_logging  # pylint: disable=import-outside-toplevel
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, OwnInfoOnly) for f in handler.filters):
-    handler.addFilter(OwnInfoOnly(keep))
-  std_logging.getLogger("absl").setLevel(std_logging.INFO)
+def init_state(model, tx, config, mesh, seq_len: int, init: Init):
+  """(state, shardings): the classifier with `init`'s backbone, placed on the mesh, and a fresh
+  optimizer state; shardings has 'step', 'params', 'opt_state' and 'batch'."""
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+
+  def init_boxed(key):
+    params = model.init(key, ids, jnp.ones_like(ids), True)["params"]
+    return params, tx.init(params)
+
+  key = jax.random.key(config.seed)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    abstract = jax.eval_shape(init_boxed, key)
+    param_shardings, opt_shardings = sharding.logical_to_sharding(abstract, mesh)
+    fresh = jax.jit(lambda k: meta.unbox(init_boxed(k)[0]))(key)
+  try:
+    params = classifier_lib.merge_backbone(jax.device_get(fresh), init.params)
+  except ValueError as e:
+    raise FinetuneError(f"config.init={init.path!r}: {e}") from e
+  params = jax.device_put(params, param_shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+  shardings = {"step": sharding.replicated(mesh), "params": param_shardings,
+               "opt_state": opt_shardings}
+  return state, shardings
+
+
+def jit_steps(model, tx, regression: bool, seed: int, mesh, shardings):
+  """(train_fn(state, batch) -> (state, scalars), eval_fn(params, batch) -> logits), jitted
+  with the state's shardings; batch fields are input_ids, attention_mask, label and weight (0
+  for the rows that pad an epoch's last batch)."""
+  dropout_key = jax.random.fold_in(jax.random.key(seed), 1)
+
+  def per_example_loss(logits, labels):
+    if regression:
+      return jnp.square(logits[:, 0] - labels.astype(jnp.float32))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(dropout_key, state["step"])
+    w = batch["weight"]
+
+    def loss_fn(p):
+      logits = model.apply({"params": p}, batch["input_ids"], batch["attention_mask"], False,
+                           rngs={"dropout": rng})
+      loss = jnp.sum(per_example_loss(logits, batch["label"]) * w) / jnp.maximum(jnp.sum(w), 1.0)
+      return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {"step": state["step"] + 1,
+                 "params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state}
+    scalars = {"loss": loss, "grad_norm": optax.tree.norm(grads), "weight": jnp.sum(w)}
+    if not regression:
+      hits = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+      scalars["accuracy"] = jnp.sum(hits * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return new_state, scalars
+
+  def eval_step(params, batch):
+    return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], True)
+
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train_fn = jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+                     out_shardings=(shardings, replicated), donate_argnums=0)
+  eval_fn = jax.jit(eval_step, in_shardings=(shardings["params"], batch_sharding),
+                    out_shardings=replicated)
+
+  def on_mesh(fn):  # the model's sharding constraints read the mesh and rules when traced
+    def call(*args):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        return fn(*args)
+    return call
+
+  return on_mesh(train_fn), on_mesh(eval_fn)
+
+
+class Batches:
+  """Global example rows -> this process's slice -> one global jax.Array per field."""
+
+  def __init__(self, mesh):
+    self.sharding = sharding.batch_sharding(mesh)
+    self.count, self.index = jax.process_count(), jax.process_index()
+
+  def __call__(self, feats, rows, weight):
+    local = slice(self.index * len(rows) // self.count,
+                  (self.index + 1) * len(rows) // self.count)
+    rows = rows[local]
+    fields = {"input_ids": feats.input_ids[rows], "attention_mask": feats.attention_mask[rows],
+              "label": feats.labels[rows], "weight": weight[local].astype(np.float32)}
+    return {k: jax.make_array_from_process_local_data(self.sharding, v)
+            for k, v in fields.items()}
+
+
+class MetricsLog:
+  """metrics.jsonl of the chief process (path None elsewhere: writes nothing)."""
+
+  def __init__(self, path: str | None):
+    self._file = open(path, "w", encoding="utf-8") if path else None
+
+  def write(self, record: dict) -> None:
+    if self._file:
+      self._file.write(json.dumps(record) + "\n")
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file:
+      self._file.close()
+
+
+def train_epoch(train_fn, state, step: int, epoch: int, train, batches, config, schedule,
+                total_steps: int, log: MetricsLog):
+  """One shuffled pass over the training set; logs averages every `log_every_steps` and at the
+  epoch's end. Returns (state, step)."""
+  order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
+  steps_per_epoch = -(-len(train) // config.batch_size)
+  sums, count, timer, timed_from = None, 0, None, step
+  for b in range(steps_per_epoch):
+    rows = order[b * config.batch_size:(b + 1) * config.batch_size]
+    weight = np.ones(config.batch_size, np.float32)
+    if len(rows) < config.batch_size:   # the epoch's last, partial batch: padded, weight 0
+      weight[len(rows):] = 0
+      rows = np.concatenate([rows, np.zeros(config.batch_size - len(rows), rows.dtype)])
+    state, scalars = train_fn(state, batches(train, rows, weight))
+    step += 1
+    sums = scalars if sums is None else jax.tree.map(jnp.add, sums, scalars)
+    count += 1
+    if timer is None:  # the first step includes compilation: time from its end
+      jax.block_until_ready(state["step"])
+      timer, timed_from = time.time(), step
+    if step % config.log_every_steps and b != steps_per_epoch - 1:
+      continue
+    host = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+    if not np.isfinite(host["loss"]):
+      raise errors.NonFiniteError(f"non-finite training loss at step {step} (epoch {epoch})")
+    record = {"step": step, "epoch": epoch, "loss": host["loss"],
+              "grad_norm": host["grad_norm"], "learning_rate": float(schedule(step - 1))}
+    if "accuracy" in host:
+      record["accuracy"] = host["accuracy"]
+    if step > timed_from:
+      record["examples_per_second"] = (config.batch_size * (step - timed_from) /
+                                       (time.time() - timer))
+    log.write(record)
+    logging.info("step %d/%d epoch %d loss=%.4f%s lr=%.3g", step, total_steps, epoch,
+                 record["loss"], f" acc={record['accuracy']:.3f}" if "accuracy" in record
+                 else "", record["learning_rate"])
+    sums, count = None, 0
+    timer, timed_from = time.time(), step
+  return state, step
+
+
+def evaluate(eval_fn, params, feats, task, batches: Batches, mesh, eval_batch_size: int) -> dict:
+  """The task's metrics on one split (its last batch padded with weight-0 rows)."""
+  dp = sharding.data_parallel_size(mesh)
+  eval_batch = -(-eval_batch_size // dp) * dp
+  n = len(feats)
+  outputs = []
+  for start in range(0, n, eval_batch):
+    rows = np.arange(start, start + eval_batch)
+    weight = (rows < n).astype(np.float32)
+    rows = np.where(rows < n, rows, 0)
+    logits = eval_fn(params, batches(feats, rows, weight))
+    outputs.append(np.asarray(jax.device_get(logits)))
+  logits = np.concatenate(outputs)[:n]
+  predictions = logits[:, 0] if task.is_regression else np.argmax(logits, -1)
+  scores = glue_metrics.compute(task.metrics, predictions, feats.labels)
+  scores["score"] = glue_metrics.task_score(scores, task.metrics)
+  return scores
+
+
+def _results_header(config, task, init, model_config, data, mesh, steps_per_epoch: int,
+                    total_steps: int, warmup: int) -> dict:
+  return {
+      "task": task.name, "metrics": list(task.metrics), "score": "mean of " + "/".join(
+          task.metrics) + f" on {task.eval_splits[0]}",
+      "init": {"path": init.path, "kind": init.kind, "step": init.step,
+               "embedding_sharing": init.embedding_sharing},
+      "model": {"hidden_size": model_config.hidden_size, "num_layers": model_config.num_layers,
+                "num_heads": model_config.num_heads, "vocab_size": model_config.vocab_size},
+      "train_examples": len(data.train),
+      "eval_examples": {k: len(v) for k, v in data.evals.items()},
+      "seq_len": {"train": data.train.seq_len, **{k: v.seq_len for k, v in data.evals.items()}},
+      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
+      "devices": f"{mesh.devices.size} x {jax.devices()[0].device_kind}",
+      "config": config.to_dict(), "epochs": [], "best": None,
+  }
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from deberta_jax import analyze, checkpointing, distributed, hf  # pylint: disable=import-outside-toplevel
-  from deberta_jax.data import DataError  # pylint: disable=import-outside-toplevel
-  quiet_library_logs()
+    raise cli.app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize()
-  try:
-    results = run(_FLAGS["config"].value, _FLAGS["workdir"].value)
-  except (FinetuneError, DataError, hf.CheckpointError, analyze.WorkdirError,
-          checkpointing.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
-  except NonFiniteError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(EXIT_NON_FINITE)
+  results = run(cli.load_config(_FLAGS["config"]), _FLAGS["workdir"].value)
   best = results["best"]
   first = list(results["eval_examples"])[0]
   print(json.dumps({"task": results["task"], "best_epoch": best["epoch"],
@@ -470,9 +490,8 @@ def main(argv):
 
 
 def run_main():
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   _define_flags()
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

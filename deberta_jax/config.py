@@ -11,6 +11,7 @@ import json
 
 import ml_collections
 
+from deberta_jax import errors
 from deberta_jax.models.config import ATTENTION_IMPLS, ModelConfig, generator_config
 
 SHARING_MODES = ("gdes", "es", "nes")
@@ -34,7 +35,7 @@ FLOAT16_REFUSED = (
     "has float32's range and needs none (use it on GPU and TPU), or 'float32'")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.BadInput):
   """A config value that cannot work; the message names the field."""
 
 

@@ -6,73 +6,28 @@ states, step, RNG, data position) and continues the trajectory of an uninterrupt
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
+from absl import logging
+from flax.linen import meta as flax_meta
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
-from etils import epath
-from flax.linen import meta as flax_meta
-import flax.linen as nn
 
-from deberta_jax import checkpointing
-from deberta_jax import config_lib
-from deberta_jax import metrics as metrics_lib
-from deberta_jax import optim
-from deberta_jax import planning
-from deberta_jax import preemption
-from deberta_jax import sharding
-from deberta_jax import train_step as ts
+from deberta_jax import config as config_lib
+from deberta_jax import errors
+from deberta_jax import workdir as workdir_lib
 from deberta_jax.data import pipeline as pipeline_lib
-from deberta_jax.rtd import RTDModel
-
-RUN_FILE = "run.json"
-CONFIG_FILE = "config.json"
-SPM_FILE = "spm.model"
-
-
-class NonFiniteError(RuntimeError):
-  """A loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
-
-
-class WorkdirError(ValueError):
-  """The work directory cannot be used for this run."""
-
-
-class Preempted(RuntimeError):
-  """SIGTERM arrived; the current step was checkpointed and the run stopped cleanly."""
-
-
-def check_workdir(config, workdir: str) -> None:
-  """Refuses a workdir that cannot be used, without creating or changing anything in it.
-
-  A workdir holding a run of a different model shape is refused (never overwritten); so is a
-  path that is a file, or one that cannot be written (checked on the nearest existing parent
-  when it does not exist yet). The directory is created only once the data checks have passed.
-  """
-  if not _is_remote(workdir):  # object stores (gs://) have no directories or permission bits
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-      raise WorkdirError(f"--workdir {workdir} exists and is not a directory")
-    existing = workdir
-    while not os.path.exists(existing):
-      existing = os.path.dirname(os.path.abspath(existing))
-    if not os.access(existing, os.W_OK | os.X_OK):
-      raise WorkdirError(f"--workdir {workdir} is not writable ({existing} does not allow writes)")
-  path = epath.Path(workdir) / RUN_FILE
-  if path.exists():
-    try:
-      previous = json.loads(path.read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError) as e:
-      raise WorkdirError(f"{path} is unreadable or not a JSON object ({e}); it does not look "
-                         "like a deberta_jax run. Use another --workdir.") from e
-    fingerprint = config_lib.model_fingerprint(config)
-    if previous != fingerprint:
-      raise WorkdirError(
-          f"{workdir} holds a run with a different model ({previous}); this config has "
-          f"{fingerprint}. Use another --workdir.")
+from deberta_jax.models.rtd import RTDModel
+from deberta_jax.pretraining import optim
+from deberta_jax.pretraining import planning
+from deberta_jax.pretraining import train_step as ts
+from deberta_jax.runtime import checkpointing
+from deberta_jax.runtime import metrics as metrics_lib
+from deberta_jax.runtime import preemption
+from deberta_jax.runtime import sharding
 
 
 def microbatches(config, mesh) -> int:
@@ -137,7 +92,7 @@ def run(config, workdir: str) -> dict:
     logging.warning("%s", note)
   if config.dry_run:
     return dry_run(config)
-  check_workdir(config, workdir)
+  workdir_lib.check(config, workdir)
   mesh = sharding.make_mesh(config)
   microbatches(config, mesh)
   is_chief = jax.process_index() == 0
@@ -147,7 +102,7 @@ def run(config, workdir: str) -> dict:
   tok = pipeline.tokenizer
   tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
   if is_chief:
-    _write_run_files(config, workdir, tok)
+    workdir_lib.write_run_files(config, workdir, tok)
 
   # --- 3. Model, optimizers and state (restored when the workdir has a checkpoint).
   model = RTDModel(config)
@@ -163,9 +118,12 @@ def run(config, workdir: str) -> dict:
     logging.info("Resumed from step %d (%s)", step, ckpt.step_path(step))
   start_step = int(state.step)
 
-  # --- 4. The compiled step (micro-batch size chosen to fit the per-device memory budget).
+  # --- 4. The jitted step (train_step.py: mask, generator update, sample, discriminator
+  # update), compiled for the micro-batch count that fits the per-device memory (planning.py).
   batch_sharding = sharding.batch_sharding(mesh)
-  train_step = compiled_step(model, optimizers, config, tokens, mesh, state, state_shardings)
+  jit_for = lambda num_micro: jit_step(model, optimizers, config, tokens, mesh, state_shardings,
+                                       num_micro)
+  train_step = compile_for_memory(jit_for, config, mesh, state)
 
   # --- 5. The loop. Metrics stay on the device between log steps; every step ends by asking
   # whether SIGTERM arrived, which costs nothing on one host and a coordination-service query
@@ -224,7 +182,7 @@ def run(config, workdir: str) -> dict:
     writer.close()
     ckpt.close()  # waits for the last write; a failed write raises CheckpointWriteError here
   if preempted:
-    raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint {step} is saved in "
+    raise errors.Preempted(f"stopped by SIGTERM after step {step}; checkpoint {step} is saved in "
                     f"{ckpt.step_path(step)}. Rerun the same command to resume.")
   logging.info("Finished at step %d of %d", stop_at, config.num_train_steps)
   return last_logged
@@ -254,13 +212,13 @@ class StepHealth:
     skipped = int(round(float(fetched.pop("skipped"))))
     steps, self._last_step = step - self._last_step, step
     if skipped and self.policy == "stop":
-      raise NonFiniteError(
+      raise errors.NonFiniteError(
           f"non-finite loss or gradient norm at step {int(first_bad)}; the run is stopped and "
           "the last checkpoint before it is kept (set --config.nonfinite=skip to drop such "
           "steps instead)")
     self.total_skipped += skipped
     if self.total_skipped > self.max_skips:
-      raise NonFiniteError(
+      raise errors.NonFiniteError(
           f"{self.total_skipped} steps had a non-finite loss or gradient norm (the latest at "
           f"step {int(first_bad)}), more than config.nonfinite_max_skips={self.max_skips}; the "
           "run is stopped and the last checkpoint is kept")
@@ -286,14 +244,22 @@ def _accumulate(sums: dict, step_metrics: dict) -> dict:
           for k, v in step_metrics.items()}
 
 
-def compiled_step(model, optimizers, config, tokens, mesh, state, state_shardings):
-  """The step, compiled ahead of time (planning.plan_step). With a memory budget
+def jit_step(model, optimizers, config, tokens, mesh, state_shardings, num_micro: int):
+  """The training step under jit: the state and the batch come in sharded over the mesh, the
+  state goes out with the same shardings (donated, so updated in place) and the metrics
+  replicated."""
+  step_fn = ts.make_train_step(model, optimizers, config, tokens, num_micro)
+  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def compile_for_memory(jit_for, config, mesh, state):
+  """The step compiled ahead of time (planning.plan_step). With a memory budget
   (config.mesh.device_memory_gb, or what an accelerator reports) and no explicit micro-batch,
   it is compiled for the largest micro-batch that fits; a run that cannot fit is refused."""
   budget = planning.memory_budget(config)
   start = time.perf_counter()
-  plan, tried = planning.plan_step(model, optimizers, config, tokens, mesh, abstract_of(state),
-                                   state_shardings, budget)
+  plan, tried = planning.plan_step(jit_for, config, mesh, abstract_of(state), budget)
   if budget is not None:
     if config.mesh.per_device_microbatch:  # the user's explicit choice: warn, do not refuse
       if plan.memory.total > budget:
@@ -320,8 +286,9 @@ def dry_run(config) -> dict:
   # Token ids only steer masking; any distinct ids give the same program.
   tokens = ts.SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=4)
   budget = planning.memory_budget(config)
-  plan, tried = planning.plan_step(model, optimizers, config, tokens, mesh, abstract, shardings,
-                                   budget)
+  jit_for = lambda num_micro: jit_step(model, optimizers, config, tokens, mesh, shardings,
+                                       num_micro)
+  plan, tried = planning.plan_step(jit_for, config, mesh, abstract, budget)
   flops_per_token = planning.analytic_flops_per_token(config)
   print(planning.format_report(config, mesh, plan, tried, budget, flops_per_token), flush=True)
   m = plan.memory
@@ -346,24 +313,3 @@ def _global_batch(local: dict, batch_sharding) -> dict:
   """Host-local numpy rows -> one global jax.Array per field (each host passes only its rows)."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
           for k, v in local.items()}
-
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
-def _write_run_files(config, workdir: str, tokenizer) -> None:
-  """config.json (provenance), run.json (model fingerprint) and the spm model used; local paths
-  or object stores (gs://) alike."""
-  root = epath.Path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
-  (root / CONFIG_FILE).write_text(config_lib.to_json(config))
-  run_path = root / RUN_FILE
-  if not run_path.exists():
-    run_path.write_text(json.dumps({"fingerprint": config_lib.model_fingerprint(config)},
-                                   indent=2))
-  spm_path = root / SPM_FILE
-  same = (not _is_remote(workdir) and
-          os.path.abspath(tokenizer.model_path or "") == os.path.abspath(str(spm_path)))
-  if tokenizer.model_path and not same:
-    spm_path.write_bytes(epath.Path(tokenizer.model_path).read_bytes())

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from deberta_jax.models import flash_common as common
+from deberta_jax.models.kernels import MASKED_SCORE
 from deberta_jax.models import hash_dropout
 
 _LANES = 128  # per-row statistics are kept replicated over one vreg row of lanes
@@ -111,7 +111,7 @@ def _scores(q_ref, k_ref, c2p_lo, c2p_hi, p2c_lo, p2c_hi, key_mask_ref, tile):
   q, k = q_ref[...], k_ref[...]
   s = (_dot_nt(q, k) + _unskew(_window(q, c2p_lo, c2p_hi), tile)
        + _unskew(_window(k, p2c_lo, p2c_hi), tile).T)
-  return jnp.where(key_mask_ref[...] > 0, s, common.NEG)
+  return jnp.where(key_mask_ref[...] > 0, s, MASKED_SCORE)
 
 
 def _reversal(tile, dtype):
@@ -195,7 +195,7 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, c2p_lo, c2p_hi, p2c_lo, p2c_h
 
   @pl.when(j == 0)
   def _():
-    m_scratch[...] = jnp.full(m_scratch.shape, common.NEG, jnp.float32)
+    m_scratch[...] = jnp.full(m_scratch.shape, MASKED_SCORE, jnp.float32)
     l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 

@@ -17,8 +17,8 @@ so the per-distance products are plain matmuls against the [2L, d] distance rows
   c2p[b, n, i, u] = q_i . kr(distance (L-1) - u)   term of (i, j) at u = (L-1) - i + j
   p2c[b, n, j, t] = k_j . qr(distance t - (L-1))   term of (i, j) at t = (L-1) + i - j
 
-The GPU kernels (flash_kernels_gpu.py) read a tile's terms from these [B, n, L, 2L] tables with
-computed-index loads. The TPU kernels (flash_kernels_tpu.py) never see a table: each tile
+The GPU kernels (gpu.py) read a tile's terms from these [B, n, L, 2L] tables with
+computed-index loads. The TPU kernels (tpu.py) never see a table: each tile
 multiplies its query (or key) block by the two [T, d] blocks of distance rows its [T, 2T] window
 spans, on the MXU, and takes the tile out of the window with a strided lane rotation; on a TPU
 the matmul costs less than writing the tables and reading them back (`relative_operands`).
@@ -51,8 +51,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from deberta_jax.models import flash_kernels_gpu
-from deberta_jax.models import flash_kernels_tpu
+from deberta_jax.models.kernels import gpu as flash_kernels_gpu
+from deberta_jax.models.kernels import tpu as flash_kernels_tpu
 from deberta_jax.models.hash_dropout import keep_mask, keep_scale
 from deberta_jax.models.layers import target_platform
 
@@ -159,9 +159,8 @@ def _fused_bwd(rate, tile, backend, interpret, residuals, d_out):
   # The barrier ties the recomputation to this layer's incoming gradient. Without it XLA is free
   # to merge it with the forward's identical matmuls (CSE), which keeps every layer's tables
   # alive from the forward to the backward pass: the memory the recomputation is meant to save
-  # (libtpu, base step, 32 sequences per chip, when the TPU kernels still read tables: 15.45 GiB
-  # without, 9.79 GiB with). The log-sum-exp goes through it too: XLA had scheduled its lane
-  # broadcasts for the TPU kernels early (100 MiB per layer at base, 8 alive at the peak).
+  # (docs/CHANGELOG.md, "Memory"). The log-sum-exp goes through it too, or XLA schedules its
+  # lane broadcasts for the TPU kernels early and keeps several layers' of them alive at once.
   q, k, qr, kr, lse, d_out = jax.lax.optimization_barrier((q, k, qr, kr, lse, d_out))
   kernels = _KERNELS[backend]
   c2p_source, p2c_source = relative_operands(kernels, q, k, qr, kr)

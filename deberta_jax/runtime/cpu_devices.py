@@ -2,12 +2,12 @@
 
 XLA:CPU runs most operations of a step (its fused elementwise kernels and YNNPACK's small
 matmuls) on a single thread each, and spreads work over cores only where independent operations
-happen to be ready together. On the 2-core development machine that left the cores ~40% idle
-during a tiny training step. Exposing the host as N devices and letting the mesh put a slice of
-the batch on each (the same data/fsdp parallelism as on a pod) keeps every core busy: the tiny
-step went from 160 to 131-135 ms. Where parameter-sized work dominates (small's 128k-row tables
-and their AdamW updates, which XLA already spreads over threads) the split only adds the mesh's
-gathers and was slower (2.7 s -> 3.8 s), hence a per-config choice (docs/benchmarks.md).
+happen to be ready together, which leaves cores idle during a small model's step. Exposing the
+host as N devices and letting the mesh put a slice of the batch on each (the same data/fsdp
+parallelism as on a pod) keeps every core busy, and tiny's step is faster so. Where
+parameter-sized work dominates (small's 128k-row tables and their AdamW updates, which XLA
+already spreads over threads) the split only adds the mesh's gathers and is slower, hence a
+per-config choice (figures in docs/CHANGELOG.md and docs/benchmarks.md).
 
 The device count is an XLA flag read once, when JAX starts its CPU backend, so `apply` must run
 before jax is imported. On GPU/TPU hosts the flag only shapes the unused CPU backend.

@@ -12,13 +12,18 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from deberta_jax.errors import BadInput
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class MeshError(ValueError):
+class MeshError(BadInput):
   """config.mesh does not fit the devices present; the message names the field."""
 
 # Logical name -> mesh axes. First match wins; a mesh axis is used at most once per array.
@@ -68,7 +73,6 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
                     f"{len(jax.devices())} devices are present")
   shape = mesh_shape(config, len(devices))
   try:
-    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # pylint: disable=broad-except  # non-TPU topologies / subsets of devices
     grid = np.array(devices).reshape(shape)

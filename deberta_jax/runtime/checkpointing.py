@@ -83,10 +83,13 @@ import json
 import logging
 from typing import Any, Callable
 
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
+
+from deberta_jax import errors
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +97,10 @@ STATE = "state"
 META = "meta"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.BadInput):
   """No restorable checkpoint: none saved, the requested step is unreadable, or all are."""
 
 
-class CheckpointWriteError(RuntimeError):
-  """Writing a checkpoint failed (disk full, permissions, ...); earlier checkpoints are intact."""
 
 
 @dataclasses.dataclass
@@ -180,7 +181,6 @@ def _all_processes_agree(ok: bool) -> bool:
   """
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   with jax.transfer_guard("allow"):
     flags = multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))
   return bool(np.all(np.asarray(flags)))
@@ -288,11 +288,11 @@ class Checkpointer:
   @contextlib.contextmanager
   def _writing(self, step: int | None):
     """Turns any failure of a write (this one, or an async one surfacing now) into a
-    CheckpointWriteError that says which checkpoint is still good. Orbax writes into a temporary
+    errors.CheckpointWriteError that says which checkpoint is still good. Orbax writes into a temporary
     directory and commits last, so a failed write never looks complete."""
     try:
       yield
-    except CheckpointWriteError:
+    except errors.CheckpointWriteError:
       raise
     except Exception as e:  # pylint: disable=broad-except
       try:
@@ -302,7 +302,7 @@ class Checkpointer:
       kept = (f"the newest complete checkpoint is step {good[-1]}, and a restart resumes from it"
               if good else "no complete checkpoint exists yet")
       what = f"step {step}" if step is not None else "a checkpoint"
-      raise CheckpointWriteError(
+      raise errors.CheckpointWriteError(
           f"writing {what} to {self.directory} failed ({_describe(e)}); {kept}") from e
 
   def reached_preemption(self, step: int) -> bool:
@@ -315,13 +315,13 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until the in-flight async save (if any) is committed; a failed write raises
-    CheckpointWriteError."""
+    errors.CheckpointWriteError."""
     with self._writing(None):
       self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and deletions, then releases orbax's threads (also when the
-    pending write failed; its CheckpointWriteError is raised after the release)."""
+    pending write failed; its errors.CheckpointWriteError is raised after the release)."""
     try:
       self.wait()
     finally:

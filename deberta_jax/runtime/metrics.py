@@ -11,6 +11,8 @@ import os
 import time
 
 from absl import logging
+from etils import epath
+from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -25,7 +27,6 @@ class MetricWriter:
     self._tb = None
     if enabled:
       self._jsonl = _JsonLines(os.path.join(workdir, "metrics.jsonl"))
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))  # also gs:// and s3://
 
   def write(self, step: int, scalars: dict) -> None:
@@ -66,7 +67,6 @@ class _JsonLines:
   def __init__(self, path: str):
     self._remote = "://" in path
     if self._remote:
-      from etils import epath  # pylint: disable=import-outside-toplevel
       self._path = epath.Path(path)
       self._lines = self._path.read_text().splitlines() if self._path.exists() else []
     else:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from deberta_jax import vocab_blocks
+from deberta_jax.models import vocab_blocks
 
 
 def mlm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict:

@@ -1,9 +1,10 @@
-"""Fitting the step to the hardware: compile ahead of time, read per-device memory, pick micro-batches.
+"""Fitting the step to the hardware: how many micro-batches, and the memory report.
 
-The training step is lowered and compiled against abstract arrays (shapes, dtypes and shardings
-only), so nothing is allocated: this is what lets the dry run report whether a size fits a mesh
-before anyone rents it, and what lets the trainer pick the largest per-device micro-batch that fits
-a memory budget. Memory figures are XLA's own buffer assignment for one device's program.
+The trainer hands over its jitted step for a micro-batch count (`train.jit_step`); here it is
+lowered and compiled against abstract arrays (shapes, dtypes and shardings only), so nothing is
+allocated: this is what lets the dry run report whether a size fits a mesh before anyone rents
+it, and what lets the trainer pick the largest per-device micro-batch that fits a memory budget.
+Memory figures are XLA's own buffer assignment for one device's program.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deberta_jax import config_lib
-from deberta_jax import sharding
-from deberta_jax import train_step as ts
+from deberta_jax import config as config_lib
+from deberta_jax.pretraining import flops
+from deberta_jax.runtime import sharding
 
 GiB = 1024**3
 # Fraction of a device's reported memory the automatic micro-batch may plan to use: the rest is
@@ -48,6 +49,9 @@ class StepPlan:
   per_device_microbatch: int
   memory: StepMemory
   flops_per_device: float | None   # XLA's count for one device's program (None if unreported)
+  # XLA's cost-model time of one device's program (`optimal_seconds`: each operation at its own
+  # FLOP or memory roofline; libtpu reports it, other backends may not). An estimate.
+  estimated_seconds: float | None
   compiled: object                 # jax.stages.Compiled; callable as compiled(state, batch)
 
 
@@ -67,15 +71,10 @@ def per_device_bytes(tree) -> int:
   return total
 
 
-def compile_step(model, optimizers, config, tokens, mesh, abstract_state, state_shardings,
-                 num_micro: int) -> StepPlan:
-  """Lowers and compiles the training step for `num_micro` micro-batches; allocates nothing."""
+def compile_step(jitted, config, mesh, abstract_state, num_micro: int) -> StepPlan:
+  """Lowers and compiles `jitted` (the step for `num_micro` micro-batches); allocates nothing."""
   batch = abstract_batch(config, mesh)
-  step_fn = ts.make_train_step(model, optimizers, config, tokens, num_micro)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    jitted = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                     out_shardings=(state_shardings, sharding.replicated(mesh)),
-                     donate_argnums=0)
     compiled = jitted.lower(abstract_state, batch).compile()
   analysis = compiled.memory_analysis()
   temporaries = int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis else 0
@@ -85,20 +84,22 @@ def compile_step(model, optimizers, config, tokens, mesh, abstract_state, state_
                       batch=per_device_bytes(batch), temporaries=temporaries,
                       generated_code=code)
   per_device = config.global_batch_size // sharding.data_parallel_size(mesh)
+  cost = _cost(compiled)
+  positive = lambda key: float(cost[key]) if cost.get(key, 0) > 0 else None
   return StepPlan(num_micro=num_micro, per_device_microbatch=per_device // num_micro,
-                  memory=memory, flops_per_device=_flops(compiled), compiled=compiled)
+                  memory=memory, flops_per_device=positive("flops"),
+                  estimated_seconds=positive("optimal_seconds"), compiled=compiled)
 
 
-def _flops(compiled) -> float | None:
+def _cost(compiled) -> dict:
+  """XLA's cost analysis of the compiled program ({} where the backend reports none)."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except  # not every backend reports costs
-    return None
+    return {}
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    return None
-  return float(cost["flops"])
+  return dict(cost or {})
 
 
 def memory_budget(config) -> int | None:
@@ -120,9 +121,11 @@ def microbatch_candidates(per_device: int) -> list[int]:
   return [m for m in range(1, per_device + 1) if per_device % m == 0]
 
 
-def plan_step(model, optimizers, config, tokens, mesh, abstract_state, state_shardings,
+def plan_step(jit_for, config, mesh, abstract_state,
               budget: int | None) -> tuple[StepPlan, list[StepPlan]]:
   """The plan with the fewest micro-batches whose memory fits `budget`, and every plan compiled.
+
+  jit_for(num_micro) -> the jitted step for that many micro-batches (train.jit_step).
 
   An explicit config.mesh.per_device_microbatch is honoured as given. Otherwise the candidates
   are searched by bisection (memory falls as the number of micro-batches grows), so a per-device
@@ -130,8 +133,7 @@ def plan_step(model, optimizers, config, tokens, mesh, abstract_state, state_sha
   returned and the caller decides (the dry run reports it; training refuses to start).
   """
   per_device = config.global_batch_size // sharding.data_parallel_size(mesh)
-  compile_for = lambda m: compile_step(model, optimizers, config, tokens, mesh, abstract_state,
-                                       state_shardings, m)
+  compile_for = lambda m: compile_step(jit_for(m), config, mesh, abstract_state, m)
   if config.mesh.per_device_microbatch:
     plan = compile_for(per_device // config.mesh.per_device_microbatch)
     return plan, [plan]
@@ -201,6 +203,16 @@ def format_report(config, mesh, plan: StepPlan, tried: list[StepPlan], budget: i
     lines.append(f"FLOPs per step (XLA cost analysis of one device's program, micro-batch loop "
                  f"counted {plan.num_micro}x): {plan.flops_per_device * plan.num_micro:.3e} per "
                  "device")
+  if plan.estimated_seconds is not None:
+    seconds = plan.estimated_seconds * plan.num_micro
+    per_device = tokens / mesh.size / seconds
+    device_kind = mesh.devices.flat[0].device_kind
+    mfu = (flops.mfu(analytic_flops_per_token, per_device, device_kind)
+           if analytic_flops_per_token else None)
+    lines.append(f"step time (XLA's cost-model estimate, not a measurement): {seconds:.4f} s = "
+                 f"{per_device:,.0f} tokens/s per device"
+                 + (f", model-FLOP MFU {100 * mfu:.1f}% of the {device_kind} bf16 peak"
+                    if mfu is not None else ""))
   return "\n".join(lines)
 
 
@@ -212,10 +224,5 @@ def _human(num_bytes: float) -> str:
 
 
 def analytic_flops_per_token(config) -> float | None:
-  """The model-FLOP count of deberta_jax.flops, when that module is available."""
-  try:
-    from deberta_jax import flops  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  fn = getattr(flops, "flops_per_token", None)
-  return float(fn(config)) if fn else None
+  """The model-FLOP count of deberta_jax.pretraining.flops."""
+  return float(flops.flops_per_token(config))

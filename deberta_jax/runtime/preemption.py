@@ -19,6 +19,7 @@ import threading
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
 
 class StopSignal:
@@ -71,7 +72,6 @@ class TimedCheckpoints:
       return False
     due = time.monotonic() - self._last >= self._interval
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       due = bool(multihost_utils.broadcast_one_to_all(due))
     return due
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
-from deberta_jax import config_lib
+from deberta_jax import config as config_lib
 from deberta_jax.models import Discriminator, Generator, generator_config
 from deberta_jax.models.hash_dropout import RowLayout
 

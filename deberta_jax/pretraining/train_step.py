@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from deberta_jax import config_lib
-from deberta_jax import losses
-from deberta_jax import masking
-from deberta_jax import optim
+from deberta_jax import config as config_lib
+from deberta_jax.pretraining import losses
+from deberta_jax.pretraining import masking
+from deberta_jax.pretraining import optim
 from deberta_jax.models.hash_dropout import RowLayout
-from deberta_jax.rtd import RTDModel
+from deberta_jax.models.rtd import RTDModel
 
 
 @flax.struct.dataclass
@@ -51,11 +51,15 @@ class SpecialTokens(NamedTuple):
 
 def make_optimizers(config) -> dict[str, optax.GradientTransformation]:
   gen_lr, disc_lr = optim.peak_learning_rates(config)
-  steps = config.num_train_steps
   if config_lib.two_stage(config):
-    return {"generator": optim.make_optimizer(config.optim, gen_lr, steps),
-            "discriminator": optim.make_optimizer(config.optim, disc_lr, steps)}
-  return {"joint": optim.make_optimizer(config.optim, gen_lr, steps)}
+    return {"generator": _optimizer(config, gen_lr), "discriminator": _optimizer(config, disc_lr)}
+  return {"joint": _optimizer(config, gen_lr)}
+
+
+def _optimizer(config, peak_learning_rate: float) -> optax.GradientTransformation:
+  o = config.optim
+  return optim.make_optimizer(o, peak_learning_rate, o.warmup_steps, config.num_train_steps,
+                              o.end_learning_rate)[0]
 
 
 def init_state(model: RTDModel, optimizers, config, rng: jax.Array) -> TrainState:
@@ -155,11 +159,23 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
   deterministic = config.model.hidden_dropout == 0 and config.model.attention_dropout == 0
   skip_nonfinite = config.nonfinite == "skip"
 
-  def guard(ok, new, old):
-    """With nonfinite='skip', an update whose loss or gradient is not finite is dropped."""
+  def update(name, grads, params, opt_state, ok):
+    """(params, opt_state) after optimizer `name`'s update; with nonfinite='skip' an update
+    whose loss or gradient is not finite (`ok` False) is dropped."""
+    updates, new_opt_state = optimizers[name].update(grads, opt_state, params)
+    new = (optax.apply_updates(params, updates), new_opt_state)
     if not skip_nonfinite:
       return new
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, (params, opt_state))
+
+  def train_network(name, loss_fn, params, opt_state, inputs, loss_sum):
+    """One network's update in a two-stage step: gradients accumulated over the micro-batches,
+    then its optimizer. Returns (params, opt_state, sums, outputs, grad norm, finite)."""
+    grads, sums, outputs = accumulate(loss_fn, params, inputs, num_micro)
+    norm = optax.tree_utils.tree_norm(grads)
+    ok = _finite(sums[loss_sum], norm)
+    params, opt_state = update(name, grads, params, opt_state, ok)
+    return params, opt_state, sums, outputs, norm, ok
 
   def prepare(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -183,14 +199,9 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
           mb["labels"], mb["weights"], k_gen, mlm_count, deterministic, rows)
       return loss, (sums, {"sampled": _sample(k_sample, mb["rows"], logits, temperature)})
 
-    gen_params = state.params["generator"]
-    gen_grads, gen_sums, outputs = accumulate(generator_loss, gen_params, inputs, num_micro)
-    gen_norm = optax.tree_utils.tree_norm(gen_grads)
-    gen_ok = _finite(gen_sums["mlm_loss_sum"], gen_norm)
-    updates, gen_opt = optimizers["generator"].update(
-        gen_grads, state.opt_state["generator"], gen_params)
-    gen_params, gen_opt = guard(gen_ok, (optax.apply_updates(gen_params, updates), gen_opt),
-                                (gen_params, state.opt_state["generator"]))
+    gen_params, gen_opt, gen_sums, outputs, gen_norm, gen_ok = train_network(
+        "generator", generator_loss, state.params["generator"], state.opt_state["generator"],
+        inputs, "mlm_loss_sum")
 
     replaced, is_replaced = masking.replace_tokens(
         inputs["ids"], inputs["positions"], inputs["weights"], outputs["sampled"])
@@ -204,22 +215,15 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
                             rows)
       return loss, (sums, {})
 
-    disc_params = state.params["discriminator"]
-    disc_grads, disc_sums, _ = accumulate(discriminator_loss, disc_params, disc_inputs, num_micro)
-    disc_norm = optax.tree_utils.tree_norm(disc_grads)
-    disc_ok = _finite(disc_sums["rtd_loss_sum"], disc_norm)
-    updates, disc_opt = optimizers["discriminator"].update(
-        disc_grads, state.opt_state["discriminator"], disc_params)
-    disc_params, disc_opt = guard(disc_ok, (optax.apply_updates(disc_params, updates), disc_opt),
-                                  (disc_params, state.opt_state["discriminator"]))
+    disc_params, disc_opt, disc_sums, _, disc_norm, disc_ok = train_network(
+        "discriminator", discriminator_loss, state.params["discriminator"],
+        state.opt_state["discriminator"], disc_inputs, "rtd_loss_sum")
 
     new_state = state.replace(
         step=state.step + 1,
         params={"generator": gen_params, "discriminator": disc_params},
         opt_state={"generator": gen_opt, "discriminator": disc_opt})
-    metrics = _metrics({**gen_sums, **disc_sums}, mlm_count, rtd_count)
-    metrics["generator_grad_norm"] = gen_norm
-    metrics["discriminator_grad_norm"] = disc_norm
+    metrics = _metrics({**gen_sums, **disc_sums}, mlm_count, rtd_count, gen_norm, disc_norm)
     return new_state, _health(metrics, gen_ok & disc_ok, new_state.step)
 
   def joint_step(state, batch):
@@ -240,13 +244,9 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
     gen_norm = optax.tree_utils.tree_norm(grads["generator"])
     disc_norm = optax.tree_utils.tree_norm(grads["discriminator"])
     ok = _finite(sums["mlm_loss_sum"], sums["rtd_loss_sum"], gen_norm, disc_norm)
-    updates, opt = optimizers["joint"].update(grads, state.opt_state["joint"], state.params)
-    params, opt = guard(ok, (optax.apply_updates(state.params, updates), opt),
-                        (state.params, state.opt_state["joint"]))
+    params, opt = update("joint", grads, state.params, state.opt_state["joint"], ok)
     new_state = state.replace(step=state.step + 1, params=params, opt_state={"joint": opt})
-    metrics = _metrics(sums, mlm_count, rtd_count)
-    metrics["generator_grad_norm"] = gen_norm
-    metrics["discriminator_grad_norm"] = disc_norm
+    metrics = _metrics(sums, mlm_count, rtd_count, gen_norm, disc_norm)
     return new_state, _health(metrics, ok, new_state.step)
 
   return two_stage_step if "joint" not in optimizers else joint_step
@@ -267,8 +267,10 @@ def _health(metrics: dict, ok: jax.Array, step: jax.Array) -> dict:
   return out
 
 
-def _metrics(sums, mlm_count, rtd_count) -> dict:
+def _metrics(sums, mlm_count, rtd_count, generator_grad_norm, discriminator_grad_norm) -> dict:
   return {
+      "generator_grad_norm": generator_grad_norm,
+      "discriminator_grad_norm": discriminator_grad_norm,
       "mlm_loss": sums["mlm_loss_sum"] / mlm_count,
       "mlm_accuracy": sums["mlm_correct"] / mlm_count,
       "rtd_loss": sums["rtd_loss_sum"] / rtd_count,

@@ -20,10 +20,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import uuid
 from typing import Iterable, Iterator, Sequence
+import uuid
 
 import numpy as np
+import sentencepiece
 
 from deberta_jax.data import DataError
 
@@ -37,7 +38,6 @@ MAX_SPARE_ROWS = 128
 
 
 def _lazy_spm():
-  import sentencepiece  # pylint: disable=g-import-not-at-top
   return sentencepiece
 
 

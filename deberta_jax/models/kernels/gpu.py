@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from deberta_jax.models.flash_common import NEG
+from deberta_jax.models.kernels import MASKED_SCORE as NEG
 from deberta_jax.models.hash_dropout import keep_mask, keep_scale
 
 
