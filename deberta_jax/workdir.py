@@ -21,16 +21,12 @@ from deberta_jax import config as config_lib
 from deberta_jax import errors
 from deberta_jax.models.rtd import RTDModel
 from deberta_jax.runtime import checkpointing
+from deberta_jax.runtime.paths import is_remote
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 SPM_FILE = "spm.model"
 CHECKPOINTS = "checkpoints"
-
-
-def is_remote(path: str) -> bool:
-  """An object-store path (gs://...): no directories, permission bits or atomic renames."""
-  return "://" in path
 
 
 def check(config, workdir: str) -> None:

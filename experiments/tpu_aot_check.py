@@ -7,6 +7,7 @@ sees the project's packages:
 
   python3 -m venv /tmp/tpuv
   echo /path/to/project/venv/lib/python3.11/site-packages > /tmp/tpuv/lib/python3.11/site-packages/project.pth
+  echo /path/to/the/checkout >> /tmp/tpuv/lib/python3.11/site-packages/project.pth
   /tmp/tpuv/bin/pip install --no-deps "libtpu==0.0.42.*"        # the version jax[tpu] pins
   export JAX_PLATFORMS=cpu TPU_WORKER_HOSTNAMES=localhost TPU_ACCELERATOR_TYPE=v5p-8
   /tmp/tpuv/bin/python experiments/tpu_aot_check.py attention              # kernel fwd+bwd

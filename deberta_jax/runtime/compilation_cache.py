@@ -15,6 +15,7 @@ from absl import logging
 import jax
 
 from deberta_jax.data import corpus
+from deberta_jax.runtime import paths
 
 
 def resolve_dir(config) -> str | None:
@@ -26,7 +27,7 @@ def resolve_dir(config) -> str | None:
     return None
   if value == "auto":
     return os.path.join(corpus.resolve_cache_dir(config), "xla")
-  return value if "://" in value else os.path.abspath(os.path.expanduser(value))
+  return paths.absolute(value)
 
 
 def enable(config) -> str | None:

@@ -14,6 +14,8 @@ from absl import logging
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from deberta_jax.runtime import paths
+
 
 class MetricWriter:
   """Writes scalars for one run; a no-op on processes other than 0."""
@@ -65,7 +67,7 @@ class _JsonLines:
   rewritten whole at each write, which for one line per logged step stays small."""
 
   def __init__(self, path: str):
-    self._remote = "://" in path
+    self._remote = paths.is_remote(path)
     if self._remote:
       self._path = epath.Path(path)
       self._lines = self._path.read_text().splitlines() if self._path.exists() else []
