@@ -30,8 +30,17 @@ import math
 import time
 
 from absl import flags
+from flax.linen import meta
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from deberta_jax import cli
+from deberta_jax.models import attention
+from deberta_jax.models import layers
+from deberta_jax.models.config import ModelConfig
+from deberta_jax.pretraining import flops
 
 _BATCH = flags.DEFINE_integer("batch", 32, "Sequences.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Sequence length.")
@@ -55,12 +64,6 @@ PLAIN = ("plain", "dpa_xla", "dpa_cudnn")
 def _build(impl: str, batch: int, length: int, heads: int, head_dim: int, buckets: int, dtype,
            flash_block: int = 64):
   """(fn(params, hidden, rel_table) -> output, params) for one variant."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax.linen import meta  # pylint: disable=import-outside-toplevel
-  from deberta_jax.models import attention, layers  # pylint: disable=import-outside-toplevel
-  from deberta_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
 
   hidden_size = heads * head_dim
   cfg = ModelConfig(vocab_size=128, hidden_size=hidden_size, num_layers=1, num_heads=heads,
@@ -102,7 +105,6 @@ def _build(impl: str, batch: int, length: int, heads: int, head_dim: int, bucket
 
 def _time(fn, args, steps: int, warmup: int) -> float:
   """Milliseconds per call of a jitted fn (one block at the end of the timed loop)."""
-  import jax  # pylint: disable=import-outside-toplevel
   out = None
   for _ in range(max(1, warmup)):
     out = fn(*args)
@@ -130,9 +132,6 @@ def check(batch: int, length: int, heads: int, head_dim: int, buckets: int, dtyp
   A speed figure is only worth reporting for a kernel that computes the right thing on the
   device at hand (the CPU tests run the flash kernels in an interpreter, not on the GPU).
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
 
   key = jax.random.key(2)
   hidden = jax.random.normal(key, (batch, length, heads * head_dim), jnp.float32)
@@ -164,9 +163,6 @@ def check(batch: int, length: int, heads: int, head_dim: int, buckets: int, dtyp
 
 def measure(batch: int, length: int, heads: int, head_dim: int, buckets: int, dtype: str,
             impls, steps: int, warmup: int, flash_block: int = 64) -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from deberta_jax.pretraining import flops  # pylint: disable=import-outside-toplevel
 
   device = jax.local_devices()[0]
   if dtype == "auto":
@@ -220,7 +216,6 @@ def main(argv):
   if unknown:
     raise cli.app.UsageError(f"--impls: unknown {unknown}; choose from {OURS + PLAIN}")
   if impls is None:
-    import jax  # pylint: disable=import-outside-toplevel
     impls = [i for i in OURS + PLAIN if not (i == "flash" and jax.default_backend() == "cpu")]
   r = measure(_BATCH.value, _SEQ_LEN.value, _HEADS.value, _HEAD_DIM.value, _BUCKETS.value,
               _DTYPE.value, impls, _STEPS.value, _WARMUP.value, _FLASH_BLOCK.value)

@@ -39,6 +39,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from absl import app
 from absl import flags
 from absl import logging
+from flax.linen import meta
+import jax
+import numpy as np
+
+from configs import finetune as finetune_configs
+from configs import tiny
+from deberta_jax import analyze
+from deberta_jax import cli
+from deberta_jax import workdir as workdir_lib
+from deberta_jax.data import pipeline as pipeline_lib
+from deberta_jax.data import spm as tokenizer_lib
+from deberta_jax.finetune import train as finetune
+from deberta_jax.models.rtd import RTDModel
+from deberta_jax.pretraining import train
+from deberta_jax.runtime import checkpointing
+from deberta_jax.runtime import metrics
 
 _OUT = flags.DEFINE_string("out", os.path.join(REPO, "docs", "gdes_study.md"),
                            "Markdown report; the PNG and JSON are written next to it.")
@@ -102,13 +118,10 @@ TASK_METRIC = {"sst2": "accuracy", "cola": "Matthews corr.", "rte": "accuracy", 
 def _dtype() -> str:
   if _DTYPE.value:
     return _DTYPE.value
-  import jax  # pylint: disable=import-outside-toplevel
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def pretrain_config(mode: str, seed: int):
-  from configs import tiny  # pylint: disable=import-outside-toplevel
-  from deberta_jax.data import spm as tokenizer_lib  # pylint: disable=import-outside-toplevel
   c = tiny.get_config()
   c.seed = seed
   c.num_train_steps = _STEPS.value
@@ -143,7 +156,6 @@ def pretrain_config(mode: str, seed: int):
 
 
 def finetune_config(task: str, init: str, seed: int):
-  from configs import finetune as finetune_configs  # pylint: disable=import-outside-toplevel
   c = finetune_configs.get_config()
   c.task = task
   c.init = init
@@ -163,9 +175,6 @@ def finetune_config(task: str, init: str, seed: int):
 # ----------------------------------------------------------------------------------------- runs
 
 def _pretrain(mode: str, seed: int, workdir: str) -> dict:
-  from deberta_jax.runtime import checkpointing  # pylint: disable=import-outside-toplevel
-  from deberta_jax.runtime import metrics  # pylint: disable=import-outside-toplevel
-  from deberta_jax.pretraining import train  # pylint: disable=import-outside-toplevel
   config = pretrain_config(mode, seed)
   done = config.num_train_steps in checkpointing.committed_steps(
       os.path.join(workdir, "checkpoints"))
@@ -183,7 +192,6 @@ def _pretrain(mode: str, seed: int, workdir: str) -> dict:
 
 
 def _finetune(task: str, init, seed: int, out: str) -> dict:
-  from deberta_jax.finetune import train as finetune  # pylint: disable=import-outside-toplevel
   config = finetune_config(task, init.path, seed)
   path = os.path.join(out, finetune.RESULTS_FILE)
   if os.path.isfile(path):
@@ -195,10 +203,6 @@ def _finetune(task: str, init, seed: int, out: str) -> dict:
 
 
 def _model_sizes(config) -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from flax.linen import meta  # pylint: disable=import-outside-toplevel
-  from deberta_jax.models.rtd import RTDModel  # pylint: disable=import-outside-toplevel
   model = RTDModel(config)
   shapes = meta.unbox(jax.eval_shape(lambda k: model.init(k, 8), jax.random.key(0)))
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
@@ -208,14 +212,12 @@ def _model_sizes(config) -> dict:
 
 
 def _corpus_info(config) -> dict:
-  from deberta_jax.data import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
   pipe = pipeline_lib.make_pipeline(config, 0, 1)
   return {"name": pipe.corpus_name, "pieces": int(pipe.num_chunks * pipe.seq_len),
           "rows": int(pipe.num_chunks)}
 
 
 def _hardware() -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
   devices = jax.devices()
   return {"backend": jax.default_backend(), "devices": len(devices),
           "device_kind": devices[0].device_kind, "cpu_count": os.cpu_count(),
@@ -223,10 +225,6 @@ def _hardware() -> dict:
 
 
 def run_study() -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  from deberta_jax import analyze  # pylint: disable=import-outside-toplevel
-  from deberta_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-  from deberta_jax.finetune import train as finetune  # pylint: disable=import-outside-toplevel
   root = _WORKDIR.value
   os.makedirs(root, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax_cache"))
@@ -285,7 +283,6 @@ def run_study() -> dict:
 # ----------------------------------------------------------------------------------- the report
 
 def _stats(values):
-  import numpy as np  # pylint: disable=import-outside-toplevel
   v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
   if v.size == 0:
     return None
@@ -312,7 +309,6 @@ def _by_mode(study):
 
 def _curves(study):
   """{mode: (steps, per-seed values [seeds, steps])} of the MLM loss at the common logged steps."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   out = {}
   for mode, runs in _by_mode(study).items():
     series = [dict((int(s), v) for s, v in run["curve"]["mlm_loss"]) for run in runs]
@@ -323,7 +319,6 @@ def _curves(study):
 
 def summarize(study) -> dict:
   """Per-mode statistics over seeds of every number the report shows."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   by_mode = _by_mode(study)
   curves = _curves(study)
   summary = {"convergence": {}, "final_mlm": {}, "table1": {}, "table2": {}}
@@ -408,7 +403,7 @@ def paper_checks(summary) -> list:
 
 
 def plot(study, path) -> str | None:
-  try:
+  try:  # late: matplotlib is optional (no plot without it) and needs its backend set first
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -442,7 +437,6 @@ def _display_path(path: str) -> str:
 
 
 def render(study, out_path: str, png: str | None) -> str:
-  import numpy as np  # pylint: disable=import-outside-toplevel
   cfg = study["pretrain_config"]
   m = cfg["model"]
   hw = study["hardware"]
@@ -597,7 +591,6 @@ def write_report(study, out_path: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from deberta_jax import cli  # pylint: disable=import-outside-toplevel
   cli.setup_logging(keep=("deberta_jax", "gdes_study"))
   if _RENDER_ONLY.value:
     with open(os.path.splitext(os.path.abspath(_OUT.value))[0] + ".json") as f:

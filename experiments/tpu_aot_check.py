@@ -21,7 +21,20 @@ search) on the topology's compile-only devices instead of this host's.
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
+
+import jax
+from jax.experimental import topologies
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+import numpy as np
+
+from deberta_jax.models.kernels import flash_attention
+from deberta_jax.pretraining import train
+from deberta_jax.runtime import sharding
 
 
 def main():
@@ -39,14 +52,8 @@ def main():
   parser.add_argument("--heads", type=int, default=16, help="stack: heads (of size 64)")
   args = parser.parse_args()
 
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
 
   devices = list(topologies.get_topology_desc(args.topology, "tpu").devices)
-  from deberta_jax.models.kernels import flash_attention  # pylint: disable=import-outside-toplevel
   one = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype, sharding=one)
   if args.what == "attention":
@@ -87,9 +94,6 @@ def main():
           f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
     return
 
-  import importlib  # pylint: disable=import-outside-toplevel
-  from deberta_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
-  from deberta_jax.pretraining import train  # pylint: disable=import-outside-toplevel
   make_mesh = sharding.make_mesh
   sharding.make_mesh = lambda config, _=None: make_mesh(config, devices)
   config = importlib.import_module(f"configs.{args.config}").get_config()

@@ -25,13 +25,15 @@ import re
 import subprocess
 import tempfile
 
+import jax
+from jax import export
+from jax._src.pallas.triton import pallas_call_registration as registration
+import jax.numpy as jnp
+
+from deberta_jax.models.kernels import flash_attention
+
 
 def dump(out: str, batch: int, heads: int, length: int, head_dim: int, blocks, rate: float):
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from jax import export  # pylint: disable=import-outside-toplevel
-  from jax._src.pallas.triton import pallas_call_registration as registration  # pylint: disable=import-outside-toplevel
-  from deberta_jax.models.kernels import flash_attention  # pylint: disable=import-outside-toplevel
 
   captured = []
   lower = registration.lowering.lower_jaxpr_to_triton_module
@@ -67,6 +69,7 @@ def dump(out: str, batch: int, heads: int, length: int, head_dim: int, blocks, r
 
 
 def compile_all(paths, num_warps: int, num_stages: int, arch: int):
+  # Late: PyPI's triton is installed only for this step (the lowering above does not need it).
   import triton  # pylint: disable=import-outside-toplevel
   from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
 

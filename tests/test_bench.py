@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import base, large, small, tiny
-from benchmarks import bench
+from benchmarks import step_bench as bench
 from deberta_jax.pretraining import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
