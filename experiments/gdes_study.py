@@ -437,17 +437,29 @@ def _display_path(path: str) -> str:
 
 
 def render(study, out_path: str, png: str | None) -> str:
+  """The study's markdown page: setup, the Figure 2, Table 1 and Table 2 analogues, the
+  orderings against the paper's, and how to reproduce it."""
+  summary, curves = summarize(study), _curves(study)
+  lines = []
+  lines += _setup_section(study, out_path)
+  lines += _figure2_section(summary, curves, png)
+  lines += _table1_section(study, summary)
+  lines += _table2_section(study, summary)
+  lines += _orderings_section(summary, list(curves))
+  lines += _reproduce_section(study, out_path)
+  return "\n".join(lines)
+
+
+def _setup_section(study, out_path: str) -> list[str]:
   cfg = study["pretrain_config"]
   m = cfg["model"]
   hw = study["hardware"]
   ft = study["flags"]
-  summary = summarize(study)
-  curves = _curves(study)
-  modes = list(curves)
   tokens = cfg["num_train_steps"] * cfg["global_batch_size"] * cfg["seq_len"]
   corpus = study.get("corpus", {})
   phase = study["phase_time_s"]
-  lines = ["# GDES study: ES vs NES vs GDES at small scale", "",
+  lines = []
+  lines += ["# GDES study: ES vs NES vs GDES at small scale", "",
            "DeBERTaV3's embedding-sharing experiment (paper section 3: Figure 2, Tables 1 and 2) "
            "rerun at a size this project can afford, with `experiments/gdes_study.py`. Everything "
            "on this page was written by that script from the runs it made; every number is also "
@@ -490,6 +502,12 @@ def render(study, out_path: str, png: str | None) -> str:
   if speeds:
     lines.append("| throughput | " + ", ".join(f"{k.upper()} {v:,.0f}" for k, v in speeds.items())
                  + " tokens/s in pre-training (median logged interval, first seed) |")
+  return lines
+
+
+def _figure2_section(summary, curves, png: str | None) -> list[str]:
+  modes = list(curves)
+  lines = []
   lines += ["", "## Figure 2 analogue: generator MLM loss", ""]
   if png:
     lines += [f"![generator MLM loss]({os.path.basename(png)})", ""]
@@ -520,6 +538,12 @@ def render(study, out_path: str, png: str | None) -> str:
                 "E_G), so for one seed both runs train the same generator, identical up to "
                 "floating-point nondeterminism. The paper's 'GDES converges like NES' is this "
                 "identity.", ""]
+  return lines
+
+
+def _table1_section(study, summary) -> list[str]:
+  ft = study["flags"]
+  lines = []
   lines += ["## Table 1 analogue: average cosine similarity of word embeddings", "",
             f"All pairs of a {100 * ft.get('sample_fraction', 0.1):g}% sample of the word pieces "
             "(the same rows in every run) at the last step; mean ± std over seeds [min, max]; the "
@@ -534,6 +558,11 @@ def render(study, out_path: str, png: str | None) -> str:
       cells.append("-" if s is None else _fmt(s, 3) + (f" ({paper})" if paper is not None else ""))
     lines.append(f"| {mode.upper()} | " + " | ".join(cells) + " |")
   lines.append("")
+  return lines
+
+
+def _table2_section(study, summary) -> list[str]:
+  lines = []
   if study["tasks"]:
     tasks = study["tasks"]
     lines += ["## Table 2 analogue: the discriminators fine-tuned on GLUE", "",
@@ -548,6 +577,11 @@ def render(study, out_path: str, png: str | None) -> str:
       lines.append(f"| {mode.upper()} | " + " | ".join(cells) +
                    f" | {PAPER['table2'].get(mode, '')} |")
     lines.append("")
+  return lines
+
+
+def _orderings_section(summary, modes) -> list[str]:
+  lines = []
   lines += ["## Orderings as measured", ""]
   if modes:
     lines.append("- Convergence, mean generator MLM loss over the run: "
@@ -566,12 +600,17 @@ def render(study, out_path: str, png: str | None) -> str:
     lines += ["", "| the paper's claim | measured (mean ± std) | reproduced? |",
               "| --- | --- | --- |"]
     lines += [f"| {c} | {measured} | {verdict} |" for c, measured, verdict in checks]
+  return lines
+
+
+def _reproduce_section(study, out_path: str) -> list[str]:
+  lines = []
   lines += ["", "## Reproduce", "", "```", study["command"], "```", "",
             "Each run's directory holds its config.json, metrics.jsonl, last checkpoint and, per "
             "task, ft_<task>/results.json. `python -m deberta_jax.analyze embeddings "
             "--workdir=RUN` recomputes a row of Table 1; `python experiments/gdes_study.py "
             f"--render_only --out={_display_path(out_path)}` rewrites this page from the JSON.", ""]
-  return "\n".join(lines)
+  return lines
 
 
 def write_report(study, out_path: str) -> None:
