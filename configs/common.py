@@ -76,17 +76,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 1.0                # global gradient-norm clip per network (0 = off)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded"           # 'embedded' | 'text_files' | 'tfds'
+  # Where text comes from: 'embedded' | 'text_files' | 'jsonl' | 'parquet' | 'tfds', prepared
+  # into the cache on first use, or 'prepared': a dataset made by `python -m deberta_jax.prepare`.
+  # Every path below may be local or gs://.
+  c.data.source = "embedded"
+  c.data.prepared_dir = ""             # for source='prepared': the prepared dataset
   c.data.text_files = ""               # glob, for source='text_files'
   c.data.split_on_blank_lines = False  # one document per blank-line block instead of per file
+  c.data.jsonl_files = ""              # glob of JSON-lines files, for source='jsonl'
+  c.data.parquet_files = ""            # glob of Parquet files, for source='parquet'
+  c.data.text_field = "text"           # for 'jsonl'/'parquet': the field holding the text
   c.data.tfds_name = ""                # e.g. 'wikipedia/20230601.en', for source='tfds'
   c.data.tfds_split = "train"            # for source='tfds'
   c.data.tfds_text_feature = "text"      # for source='tfds': the feature holding the text
   c.data.tfds_data_dir = ""              # for source='tfds': tfds data_dir ('' = tfds' default)
   c.data.spm_model = ""                # '' = train one on the corpus (cached)
   c.data.spm_vocab_size = 128000         # pieces of the spm model trained when spm_model=''
+  c.data.spm_max_sentences = 1_000_000   # lines sampled (over the whole corpus) to train it
   c.data.cache_dir = ""                # '' = $DEBERTA_JAX_CACHE or ~/.cache/deberta_jax
   c.data.embedded_max_bytes = 8_000_000  # for source='embedded': text taken from the stdlib
+  c.data.part_mb = 64.0                  # text per prepared shard (the unit of parallel work)
+  c.data.read_threads = 16               # threads reading rows ahead of the step
+  c.data.prefetch_batches = 16           # batches read ahead (>= read_threads, or threads idle)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0               # 0 = every device; N = the first N (tests, debugging)

@@ -16,17 +16,22 @@ from deberta_jax.models.config import ATTENTION_IMPLS, ModelConfig, generator_co
 
 SHARING_MODES = ("gdes", "es", "nes")
 UPDATE_MODES = ("auto", "two_stage", "joint")
-DATA_SOURCES = ("embedded", "text_files", "tfds")
+DATA_SOURCES = ("embedded", "text_files", "jsonl", "parquet", "tfds", "prepared")
 
 # The data fields that only one source reads, with the value that leaves them unset (the
 # defaults of configs/common.py; tests/test_reliability.py checks the two agree). Any other
 # value under another source is refused: it names a corpus, or a reading of one, that the run
 # would silently not use.
+# The data fields that only some sources read: setting one for another source is refused, since
+# it would be silently ignored.
 SOURCE_FIELDS = {
     "embedded": {"embedded_max_bytes": 8_000_000},
     "text_files": {"text_files": "", "split_on_blank_lines": False},
+    "jsonl": {"jsonl_files": "", "text_field": "text"},
+    "parquet": {"parquet_files": "", "text_field": "text"},
     "tfds": {"tfds_name": "", "tfds_split": "train", "tfds_text_feature": "text",
              "tfds_data_dir": ""},
+    "prepared": {"prepared_dir": ""},
 }
 
 FLOAT16_REFUSED = (
@@ -107,12 +112,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
   _require(config.data.source in DATA_SOURCES, "data.source",
            f"{config.data.source!r} is not one of {DATA_SOURCES}")
+  readers: dict[str, list[str]] = {}
   for source, fields in SOURCE_FIELDS.items():
     for field, unset in fields.items():
-      value = config.data.get(field, unset)
-      _require(source == config.data.source or value == unset, f"data.{field}",
-               f"is set ({value!r}) but config.data.source={config.data.source!r} does not read "
-               f"it; only source={source!r} does (--config.data.source={source})")
+      readers.setdefault(field, []).append(source)
+  for field, sources in readers.items():
+    unset = SOURCE_FIELDS[sources[0]][field]
+    value = config.data.get(field, unset)
+    _require(config.data.source in sources or value == unset, f"data.{field}",
+             f"is set ({value!r}) but config.data.source={config.data.source!r} does not read "
+             f"it; only source={' or '.join(map(repr, sources))} does "
+             f"(--config.data.source={sources[0]})")
+  _require(config.data.part_mb > 0, "data.part_mb", "must be > 0")
+  _require(config.data.read_threads >= 1, "data.read_threads", "must be >= 1")
+  _require(config.data.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
   _require(config.ckpt.every_steps > 0, "ckpt.every_steps", "must be positive")
   _require(config.ckpt.keep > 0, "ckpt.keep", "must be positive")
   _require(config.ckpt.every_minutes >= 0, "ckpt.every_minutes", "must be >= 0 (0 = off)")

@@ -16,7 +16,8 @@ import pytest
 
 from deberta_jax.data import DataError
 from deberta_jax.data import corpus as corpus_lib
-from deberta_jax.data import packing
+from deberta_jax.data import preparation
+from deberta_jax.data import shards
 from deberta_jax.data import pipeline as pipeline_lib
 from deberta_jax.data import spm as tokenizer_lib
 
@@ -275,49 +276,117 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
   assert corpus_lib.resolve_cache_dir(data_config(tmp_path)) == str(tmp_path)
 
 
-# --------------------------------------------------------------------------------------- packing
+# ------------------------------------------------------------------------------- prepare / shards
 
 
-def test_packing_rows_and_memmap(tmp_path, tok):
-  docs = ["The first document.\nIt has two lines.", "A second one, longer " * 30,
-          "Third: return the value."]
-  corpus = corpus_lib.Corpus("test", "fp-packing", lambda: iter(docs))
-  tokens, path = packing.load_or_build_token_stream(corpus, tok, str(tmp_path))
-  assert os.path.isfile(path) and path.endswith(".npy") and path.startswith(str(tmp_path))
-  assert np.load(path, mmap_mode="r").dtype == np.int32
-  assert isinstance(tokens, np.memmap) and tokens.dtype == np.int32
-  expected = np.concatenate([tok.encode(line) for d in docs for line in d.splitlines()])
-  np.testing.assert_array_equal(tokens, expected)  # one stream, no document boundaries
-
-  seq_len = 16
-  chunks = packing.PackedChunks(tokens, seq_len)
-  assert chunks.num_chunks == -(-len(expected) // (seq_len - 2))
-  batch = chunks.gather(range(chunks.num_chunks))
-  ids, mask = batch["input_ids"], batch["attention_mask"]
-  chex.assert_shape([ids, mask], (chunks.num_chunks, seq_len))
-  assert ids.dtype == np.int32 and mask.dtype == np.int32
-  assert (ids[:, 0] == tok.cls_id).all()
-  lengths = mask.sum(1)
-  assert (lengths[:-1] == seq_len).all()  # full chunks; the last one is shorter
-  assert lengths[-1] == len(expected) - (chunks.num_chunks - 1) * (seq_len - 2) + 2
-  for row, n in zip(ids, lengths):
-    assert row[n - 1] == tok.sep_id and (row[n:] == tok.pad_id).all()
-    assert not set(row[1:n - 1].tolist()) & {0, 1, 2}
-  np.testing.assert_array_equal(ids[:, 1:-1][mask[:, 1:-1] == 1][:len(expected)],
-                                np.concatenate([r[1:n - 1] for r, n in zip(ids, lengths)]))
-  np.testing.assert_array_equal(np.concatenate([r[1:n - 1] for r, n in zip(ids, lengths)]),
-                                expected)
-  # Cached: asking again does not rewrite the file.
-  mtime = os.stat(path).st_mtime_ns
-  _, path2 = packing.load_or_build_token_stream(corpus, tok, str(tmp_path))
-  assert path2 == path and os.stat(path).st_mtime_ns == mtime
+def _rows_text(tok, rows):
+  """The pieces of packed rows, [CLS]/[SEP]/[PAD] removed, concatenated."""
+  return np.concatenate([r[1:(r != 0).sum() - 1] for r in rows])
 
 
-def test_packing_empty_corpus(tmp_path, tok):
-  corpus = corpus_lib.Corpus("blank-corpus", "fp-empty", lambda: iter(["   ", "\n\n"]))
-  with pytest.raises(DataError, match="blank-corpus"):
-    packing.load_or_build_token_stream(corpus, tok, str(tmp_path))
-  assert not os.listdir(tmp_path / "tokens")  # no partial file left behind
+def test_row_packer_layout():
+  packer = shards.RowPacker(6, np.dtype("<u2"))
+  full = packer.add([np.arange(10, 17), np.arange(20, 23)])  # 10 pieces: 2 rows of 4, 2 left
+  last = packer.finish()
+  np.testing.assert_array_equal(full, [[1, 10, 11, 12, 13, 2], [1, 14, 15, 16, 20, 2]])
+  np.testing.assert_array_equal(last, [[1, 21, 22, 2, 0, 0]])
+  assert packer.finish().shape == (0, 6)
+
+
+def test_prepare_shards_manifest_and_rerun(tmp_path, tok):
+  lines = [f"Line {i}: {'alpha beta gamma ' * (i % 7 + 1)}end." for i in range(400)]
+  _write(tmp_path / "corpus" / "a.txt", "\n".join(lines[:150]) + "\n")
+  _write(tmp_path / "corpus" / "b.txt", "\ufeff" + "\n\n".join(lines[150:]))
+  corpus = corpus_lib.text_file_corpus(str(tmp_path / "corpus" / "*.txt"))
+  parts = corpus.parts(2000)  # several parts per file, cut inside lines
+  assert len(parts) > 4 and {p.path for p in parts} == {
+      str(tmp_path / "corpus" / "a.txt"), str(tmp_path / "corpus" / "b.txt")}
+  # Every line is read by exactly one part, in order, wherever the cuts fall.
+  assert [x for p in parts for x in corpus_lib.read_part(p)] == lines
+  out = tmp_path / "prepared"
+  manifest = preparation.prepare(corpus, tok, 16, str(out), vocab_size=512, part_bytes=2000,
+                                 progress=False)
+  assert manifest == shards.read_manifest(str(out))
+  assert manifest["seq_len"] == 16 and manifest["dtype"] == "uint16"
+  assert len(manifest["shards"]) == len(parts)
+  assert manifest["tokenizer"]["fingerprint"] == tok.fingerprint
+  assert (out / "spm.model").read_bytes() == open(tok.model_path, "rb").read()
+  rows = [np.load(out / s["file"]) for s in manifest["shards"]]
+  assert sum(len(r) for r in rows) == manifest["num_sequences"]
+  for part, r in zip(parts, rows):  # each shard packs its part's pieces, in order
+    expected = np.concatenate([tok.encode(x) for x in corpus_lib.read_part(part)])
+    np.testing.assert_array_equal(_rows_text(tok, r), expected)
+    assert (r[:, 0] == tok.cls_id).all() and ((r != 0).sum(1)[:-1] == 16).all()
+  # A rerun skips every finished shard; a lost shard record is made again.
+  mtimes = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
+  os.remove(out / shards.record_name(2, len(parts)))
+  again = preparation.prepare(corpus, tok, 16, str(out), vocab_size=512, part_bytes=2000,
+                              progress=False)
+  assert again["fingerprint"] == manifest["fingerprint"]
+  changed = [f for f in mtimes if os.stat(out / f).st_mtime_ns != mtimes[f]]
+  assert sorted(changed) == sorted([shards.shard_name(2, len(parts)),
+                                    shards.record_name(2, len(parts)), "manifest.json"])
+  # Two machines, each its half, give the same dataset; the first to finish writes no manifest.
+  split = tmp_path / "split"
+  assert preparation.prepare(corpus, tok, 16, str(split), vocab_size=512, part_bytes=2000,
+                             shard_index=1, num_shards=2, progress=False) is None
+  assert not (split / "manifest.json").exists()
+  both = preparation.prepare(corpus, tok, 16, str(split), vocab_size=512, part_bytes=2000,
+                             shard_index=0, num_shards=2, progress=False)
+  assert both["fingerprint"] == manifest["fingerprint"]
+  # Another tokenizer or seq_len never mixes into the directory.
+  with pytest.raises(DataError, match="another dataset"):
+    preparation.prepare(corpus, tok, 32, str(out), vocab_size=512, part_bytes=2000,
+                        progress=False)
+  # Damage is named: a truncated shard, then an edited manifest.
+  first = out / manifest["shards"][0]["file"]
+  first.write_bytes(first.read_bytes()[:-4])
+  with pytest.raises(DataError, match="truncated"):
+    pipeline_lib.PreparedRows(str(out))
+  (out / "manifest.json").write_text(json.dumps(dict(manifest, num_sequences=1)).replace(
+      manifest["fingerprint"], "0" * 16))
+  with pytest.raises(DataError, match="fingerprint does not match"):
+    shards.read_manifest(str(out))
+
+
+def test_prepare_cli_workers_jsonl_and_parquet(tmp_path, spm_path):
+  """The entry point with 2 worker processes equals one process, for JSONL and Parquet input."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  texts = [f"Record {i} says {'delta epsilon ' * (i % 5 + 1)}." for i in range(300)]
+  jsonl = tmp_path / "in" / "data.jsonl"
+  _write(jsonl, "".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(texts)))
+  pq.write_table(pa.table({"body": texts}), tmp_path / "in" / "data.parquet", row_group_size=50)
+  results = {}
+  for source, files_field, workers in (("jsonl", "jsonl_files", 1), ("jsonl", "jsonl_files", 2),
+                                       ("parquet", "parquet_files", 2)):
+    out = tmp_path / f"out-{source}-{workers}"
+    suffix = "jsonl" if source == "jsonl" else "parquet"
+    res = subprocess.run(
+        [sys.executable, "-m", "deberta_jax.prepare", "--config=configs/tiny.py", f"--out={out}",
+         f"--num_workers={workers}", f"--config.data.source={source}",
+         f"--config.data.{files_field}={tmp_path / 'in' / ('*.' + suffix)}",
+         "--config.data.text_field=body", f"--config.data.spm_model={spm_path}",
+         "--config.model.vocab_size=512", "--config.seq_len=32", "--config.data.part_mb=0.002"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["complete"] and summary["shards"] > 2
+    manifest = shards.read_manifest(str(out))
+    rows = np.concatenate([np.load(out / s["file"]) for s in manifest["shards"]])
+    results[(source, workers)] = (summary["fingerprint"], rows)
+  assert results[("jsonl", 1)][0] == results[("jsonl", 2)][0]
+  tok = tokenizer_lib.Tokenizer(spm_path)
+  expected = np.concatenate([tok.encode(t) for t in texts])
+  for _, rows in results.values():
+    np.testing.assert_array_equal(_rows_text(tok, rows), expected)
+  bad = subprocess.run(
+      [sys.executable, "-m", "deberta_jax.prepare", "--config=configs/tiny.py",
+       f"--out={tmp_path / 'bad'}", "--config.data.source=jsonl",
+       f"--config.data.jsonl_files={jsonl}", "--config.data.text_field=text",
+       f"--config.data.spm_model={spm_path}", "--config.model.vocab_size=512"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert bad.returncode == 2 and "config.data.text_field='text'" in bad.stderr
 
 
 # -------------------------------------------------------------------------------------- pipeline
@@ -427,14 +496,16 @@ def test_pipeline_embedded_trains_and_caches_spm(cache_dir, embedded, monkeypatc
   cfg.seq_len = 128
   p = pipeline_lib.make_pipeline(cfg)
   assert p.tokenizer.num_pieces == SPM_PIECES
-  assert p.tokenizer.model_path.startswith(os.path.join(str(cache_dir), "spm"))
+  trained = pipeline_lib.trained_spm_path(cfg, corpus_lib.corpus_from_config(cfg))
+  assert trained.startswith(os.path.join(str(cache_dir), "spm"))
+  assert tokenizer_lib.Tokenizer(trained).fingerprint == p.tokenizer.fingerprint
   assert p.num_chunks > 100
   first = p.next_batch()
 
   def fail(*a, **k):
     raise AssertionError("spm retrained although cached")
   monkeypatch.setattr(tokenizer_lib, "train_spm", fail)
-  monkeypatch.setattr(packing, "write_token_stream", fail)
+  monkeypatch.setattr(preparation, "prepare", fail)
   again = pipeline_lib.make_pipeline(cfg)
   assert again.tokenizer.fingerprint == p.tokenizer.fingerprint
   chex.assert_trees_all_equal(again.next_batch(), first)
@@ -474,7 +545,7 @@ def test_error_undecodable_file(tmp_path, spm_path):
   _write(tmp_path / "bad.txt", b"ok line\n\xff\xfe broken \xc3\x28\n")
   cfg = data_config(tmp_path, source="text_files", text_files=str(tmp_path / "*.txt"),
                     spm_model=spm_path)
-  with pytest.raises(DataError, match=r"bad\.txt.*line 2"):
+  with pytest.raises(DataError, match=r"bad\.txt.*line at byte 8"):
     pipeline_lib.make_pipeline(cfg)
 
 

@@ -1,17 +1,18 @@
-"""Pre-training data: corpus -> SentencePiece -> packed token stream -> batches.
+"""Pre-training data: source -> prepare -> shards -> loader.
 
 The stages live in one module each so that each can be read and tested alone:
 
-* `corpus`    where text comes from (`config.data.source`: 'embedded', 'text_files', 'tfds'); the
-              embedded corpus is prepared once as a tfds array_record dataset and read back through
-              `tfds.data_source`, so no TensorFlow is needed anywhere.
-* `spm`       the SentencePiece wrapper with the DeBERTaV3 special-token layout
-              ([PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3, [MASK]=number of spm pieces).
-* `packing`   tokenizes every document once into a memory-mapped int32 .npy stream (no Python
-              token lists: the official loader ran out of RAM on large corpora, DeBERTa issue #109)
-              and cuts it into [CLS] + 510 pieces + [SEP] rows like the official prepare_data.py.
-* `pipeline`  `make_pipeline(config, process_index, process_count)`: a deterministic, resumable,
-              per-process batch iterator.
+* `corpus`       where text comes from (`config.data.source`: 'embedded', 'text_files', 'jsonl',
+                 'parquet', 'tfds'), and its split into parts that workers read independently.
+* `spm`          the SentencePiece wrapper with the DeBERTaV3 special-token layout
+                 ([PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3, [MASK]=number of spm pieces), and bounded
+                 training of such a model.
+* `shards`       the prepared-dataset format: packed [CLS] + 510 pieces + [SEP] rows in
+                 fixed-size `.npy` shards, and the manifest with fingerprints and checksums.
+* `preparation`  corpus -> shards with worker processes and over machines, resumable.
+* `pipeline`     `make_pipeline(config, process_index, process_count)`: each process reads
+                 its rows of a deterministic global shuffle, with grain threads reading ahead.
+* `storage`      local paths and gs:// behind one interface.
 
 Importing this package is cheap on purpose: the public names below are resolved lazily, so
 `import deberta_jax.data` neither imports tensorflow_datasets nor touches any file.
@@ -41,8 +42,9 @@ _LAZY = {
     "train_spm": "spm",
     "check_vocab_size": "spm",
     "recommended_vocab_size": "spm",
-    "PackedChunks": "packing",
-    "load_or_build_token_stream": "packing",
+    "prepare": "preparation",
+    "read_manifest": "shards",
+    "PreparedRows": "pipeline",
     "Pipeline": "pipeline",
     "make_pipeline": "pipeline",
 }

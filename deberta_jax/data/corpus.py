@@ -1,7 +1,13 @@
-"""Where the pre-training text comes from: config.data.source = embedded | text_files | tfds.
+"""Where the pre-training text comes from: config.data.source = embedded | text_files | jsonl |
+parquet | tfds (and 'prepared', a dataset written by `python -m deberta_jax.prepare`, read by
+`data/loader.py`, not here).
 
 Every source becomes a `Corpus`: a name for messages, a fingerprint that changes whenever the text
-may have changed (it keys the spm-model and token-stream caches), and an iterator of documents.
+may have changed (it keys the spm-model and prepared-dataset caches), an iterator of documents, and
+a split into `Part`s: pieces that worker processes (or machines) read independently, each into one
+shard of the prepared dataset. Text and JSONL files split at line boundaries inside a file (a
+single 100 GB file still spreads over every worker), Parquet files by row groups, tfds datasets
+by record ranges.
 
 * 'embedded' (default) needs no download and no user file: the docstrings of the standard library
   and of the packages deberta_jax itself depends on (numpy, scipy, jax, flax, ...), read from the
@@ -9,8 +15,11 @@ may have changed (it keys the spm-model and token-stream caches), and an iterato
   sorted order and capped at `config.data.embedded_max_bytes`, so one machine always gets the same
   corpus. It is prepared once as a tfds dataset under `<cache_dir>/tfds` and read back like any
   other tfds dataset.
-* 'text_files': a glob (or comma-separated globs/files/directories); one document per file, or per
-  blank-line-separated block with `config.data.split_on_blank_lines`.
+* 'text_files': a glob (or comma-separated globs/files/directories), local or gs://; one document
+  per file, or per blank-line-separated block with `config.data.split_on_blank_lines`.
+* 'jsonl' / 'parquet': `config.data.jsonl_files` / `config.data.parquet_files` name the files
+  (globs, local or gs://), `config.data.text_field` the field holding the text (how most
+  published corpora arrive).
 * 'tfds': any tfds dataset with a text feature, prepared in array_record format.
 
 tensorflow-datasets without TensorFlow (what we found, tfds 4.9.10, array_record 0.8.6,
@@ -40,7 +49,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import glob
+import functools
 import hashlib
 import importlib.util
 import json
@@ -54,8 +63,9 @@ import warnings
 import tensorflow_datasets as tfds
 
 from deberta_jax.data import DataError
+from deberta_jax.data import storage
 
-SOURCES = ("embedded", "text_files", "tfds")
+SOURCES = ("embedded", "text_files", "jsonl", "parquet", "tfds")
 EMBEDDED_DATASET = "deberta_jax_embedded_docstrings"
 # Bump when the extraction below changes, so caches built by older code are not reused.
 EMBEDDED_FORMAT_VERSION = "1.0.0"
@@ -79,33 +89,133 @@ def cfg_get(section: Any, name: str, default: Any) -> Any:
 
 
 def resolve_cache_dir(config: Any) -> str:
-  """config.data.cache_dir, else $DEBERTA_JAX_CACHE, else ~/.cache/deberta_jax (a local path:
-  the token stream is memory-mapped)."""
+  """config.data.cache_dir, else $DEBERTA_JAX_CACHE, else ~/.cache/deberta_jax; a local path is
+  made absolute, a gs:// URL kept (hosts of a pod can then share one cache)."""
   d = (cfg_get(config.data, "cache_dir", "") or os.environ.get("DEBERTA_JAX_CACHE")
        or "~/.cache/deberta_jax")
-  return os.path.abspath(os.path.expanduser(d))
+  return storage.absolute(d)
+
+
+def local_cache_dir(config: Any) -> str:
+  """The cache directory when it is local, else the default local one: what must be on local
+  disk (the embedded corpus's tfds files, which array_record reads with local file calls) goes
+  there even when config.data.cache_dir is a gs:// URL."""
+  d = resolve_cache_dir(config)
+  return d if not storage.is_remote(d) else storage.absolute("~/.cache/deberta_jax")
 
 
 def _hash(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Text handed to one `Part` when a corpus is split for preparation: large enough that a shard's
+# fixed costs (opening, checksum, upload) vanish, small enough to spread a corpus over hundreds
+# of workers and to lose little work when a worker is preempted.
+DEFAULT_PART_BYTES = 64 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """A piece of a corpus that one worker reads alone; preparation turns each into one shard.
+
+  kind 'text' / 'jsonl': the lines starting in bytes [start, stop) of file `path`;
+  'parquet': row groups [start, stop) of `path`; 'tfds': records [start, stop) of dataset `name`
+  split `split` under data_dir `path`; 'documents': the whole corpus, read in-process (corpora
+  built from Python iterables). `field` is the JSON field, column or tfds feature holding text;
+  `size` the text bytes it holds (approximately), for progress and balancing.
+  """
+
+  kind: str
+  path: str = ""
+  start: int = 0
+  stop: int = 0
+  field: str = ""
+  name: str = ""
+  split: str = ""
+  size: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  """A re-iterable source of documents (str, never empty or whitespace-only)."""
+  """A re-iterable source of documents (str, never empty or whitespace-only), and its split into
+  independently readable parts (`parts`, None for a corpus that only iterates)."""
 
   name: str
   fingerprint: str
   _documents: Callable[[], Iterator[str]] = dataclasses.field(repr=False)
+  _parts: Callable[[int], list[Part]] | None = dataclasses.field(default=None, repr=False)
 
   def documents(self) -> Iterator[str]:
     return self._documents()
+
+  def parts(self, part_bytes: int = DEFAULT_PART_BYTES) -> list[Part]:
+    """A deterministic split into parts of about `part_bytes` of text each."""
+    if self._parts is None:
+      return [Part("documents")]
+    return self._parts(int(part_bytes))
 
   def check_not_empty(self) -> None:
     """Raises DataError when no document has text (reads only up to the first one)."""
     for _ in self.documents():
       return
     raise DataError(f"Corpus {self.name} is empty: it has no text.")
+
+
+def _byte_ranges(path: str, file_size: int, part_bytes: int) -> list[tuple[int, int]]:
+  count = max(1, -(-file_size // part_bytes))
+  cuts = [file_size * i // count for i in range(count + 1)]
+  return list(zip(cuts[:-1], cuts[1:]))
+
+
+def read_part(part: Part, corpus: Corpus | None = None) -> Iterator[str]:
+  """The non-blank text lines of one part (what packing concatenates), in order."""
+  if part.kind == "documents":
+    assert corpus is not None, "a 'documents' part is read through its corpus"
+    for doc in corpus.documents():
+      yield from (line for line in doc.splitlines() if line.strip())
+  elif part.kind == "text":
+    for raw, offset in _lines_with_offsets(part):
+      line = _decode(raw, part.path, offset, "config.data.text_files")
+      if line.strip():
+        yield line.rstrip("\r\n")
+  elif part.kind == "jsonl":
+    for raw, offset in _lines_with_offsets(part):
+      if not raw.strip():
+        continue
+      text = _jsonl_text(raw, part, offset)
+      yield from (line for line in text.splitlines() if line.strip())
+  elif part.kind == "parquet":
+    for text in _parquet_texts(part):
+      yield from (line for line in text.splitlines() if line.strip())
+  elif part.kind == "tfds":
+    source = _open_tfds(part.name, part.split, part.path)
+    for start in range(part.start, part.stop, _TFDS_READ_BATCH):
+      indices = list(range(start, min(part.stop, start + _TFDS_READ_BATCH)))
+      for index, record in zip(indices, source.__getitems__(indices)):
+        what = f"tfds {part.name!r} split {part.split!r} record {index} feature {part.field!r}"
+        text = _tfds_text(_get_feature(record, part.field), what)
+        yield from (line for line in text.splitlines() if line.strip())
+  else:
+    raise ValueError(f"unknown part kind {part.kind!r}")
+
+
+def _lines_with_offsets(part: Part) -> Iterator[tuple[bytes, int]]:
+  offset = part.start
+  first = True
+  for raw in storage.iter_lines(part.path, part.start, part.stop):
+    if first and part.start == 0 and raw.startswith(b"\xef\xbb\xbf"):
+      raw = raw[3:]  # a UTF-8 byte-order mark is not text
+    first = False
+    yield raw, offset
+    offset += len(raw)
+
+
+def _decode(raw: bytes, path: str, offset: int, field: str) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{field}: {path} is not valid UTF-8 (the line at byte {offset}, its byte "
+                    f"{e.start}): {e.reason}.") from e
 
 
 # --------------------------------------------------------------------------- embedded docstrings
@@ -270,6 +380,7 @@ def write_tfds_text_dataset(name: str, documents: Callable[[], Iterable[str]], d
   return builder_dir
 
 
+@functools.lru_cache(maxsize=8)  # a worker reads many parts of one dataset: open it once
 def _open_tfds(name: str, split: str, data_dir: str):
   tfds = _lazy_tfds()
   where = (f"config.data.tfds_name={name!r}, config.data.tfds_split={split!r}, "
@@ -327,52 +438,53 @@ def tfds_corpus(name: str, split: str = "train", data_dir: str = "",
         if text.strip():
           yield text
 
-  return Corpus(label or f"tfds:{name}[{split}]", fingerprint, documents)
+  def parts(part_bytes: int) -> list[Part]:
+    n = len(source)
+    try:
+      split_info = info.splits[split.split("[")[0]]
+      record_bytes = split_info.num_bytes / max(1, split_info.num_examples)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+      record_bytes = 0
+    count = max(1, min(n, round(n * record_bytes / part_bytes))) if record_bytes else 1
+    cuts = [n * i // count for i in range(count + 1)]
+    return [Part("tfds", data_dir, a, b, text_feature, name, split, int((b - a) * record_bytes))
+            for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+  return Corpus(label or f"tfds:{name}[{split}]", fingerprint, documents, parts)
 
 
 # ------------------------------------------------------------------------------------ text files
 
 
-def _expand_text_files(spec: str) -> list[str]:
+def _expand_files(spec: str, field: str, example: str) -> list[str]:
+  """Files named by comma-separated globs, files or directories, local or remote (gs://)."""
   if not spec:
-    raise DataError("config.data.text_files is empty; set it to a glob such as "
-                    "'/data/corpus/*.txt' for config.data.source='text_files'.")
+    raise DataError(f"config.data.{field} is empty; set it to a glob such as {example!r}.")
   files: list[str] = []
   for pattern in (p.strip() for p in spec.split(",")):
     if not pattern:
       continue
-    path = os.path.expanduser(pattern)
-    if glob.has_magic(path):
-      matched = sorted(glob.glob(path, recursive=True))
+    path = storage.absolute(pattern)
+    if any(c in pattern for c in "*?["):
+      matched = storage.glob(path)
       if not matched:
-        raise DataError(f"config.data.text_files: the glob {pattern!r} matches no file.")
-    elif os.path.isdir(path):
-      matched = sorted(os.path.join(path, f) for f in os.listdir(path))
-    elif os.path.exists(path):
+        raise DataError(f"config.data.{field}: the glob {pattern!r} matches no file.")
+    elif storage.isdir(path):
+      matched = storage.listdir(path)
+    elif storage.exists(path):
       matched = [path]
     else:
-      raise DataError(f"config.data.text_files: corpus path {pattern!r} does not exist.")
-    files += [os.path.abspath(f) for f in matched if os.path.isfile(f)]
+      raise DataError(f"config.data.{field}: corpus path {pattern!r} does not exist.")
+    files += [f for f in matched if storage.isfile(f)]
   if not files:
-    raise DataError(f"config.data.text_files={spec!r} matches no regular file.")
+    raise DataError(f"config.data.{field}={spec!r} matches no regular file.")
   return files
-
-
-def _read_lines(path: str) -> Iterator[str]:
-  """Lines of a UTF-8 file, streamed; DataError naming the file and line on invalid bytes."""
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, 1):
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise DataError(f"config.data.text_files: {path} is not valid UTF-8 (line {lineno}, "
-                        f"byte {e.start} of that line): {e.reason}.") from e
-      yield line.lstrip("\ufeff") if lineno == 1 else line
 
 
 def _file_documents(path: str, split_on_blank_lines: bool) -> Iterator[str]:
   block: list[str] = []
-  for line in _read_lines(path):
+  for raw, offset in _lines_with_offsets(Part("text", path, 0, 1 << 62)):
+    line = _decode(raw, path, offset, "config.data.text_files")
     if split_on_blank_lines and not line.strip():
       if block:
         yield "".join(block).strip()
@@ -384,17 +496,110 @@ def _file_documents(path: str, split_on_blank_lines: bool) -> Iterator[str]:
     yield text
 
 
+def _line_file_parts(kind: str, files: list[str], sizes: list[int], field: str = ""):
+  def parts(part_bytes: int) -> list[Part]:
+    return [Part(kind, f, a, b, field, size=b - a)
+            for f, n in zip(files, sizes) for a, b in _byte_ranges(f, n, part_bytes)]
+  return parts
+
+
 def text_file_corpus(spec: str, split_on_blank_lines: bool = False) -> Corpus:
-  """Documents of local UTF-8 text files, per file or per blank-line-separated block."""
-  files = _expand_text_files(spec)
-  stats = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+  """Documents of UTF-8 text files (local or gs://), per file or per blank-line block."""
+  files = _expand_files(spec, "text_files", "/data/corpus/*.txt")
+  stats = [storage.fingerprint_of(f) for f in files]
   fingerprint = _hash(["text_files", bool(split_on_blank_lines), stats])
 
   def documents() -> Iterator[str]:
     for f in files:
       yield from _file_documents(f, split_on_blank_lines)
 
-  return Corpus(f"text_files:{spec}", fingerprint, documents)
+  return Corpus(f"text_files:{spec}", fingerprint, documents,
+                _line_file_parts("text", files, [s[1] for s in stats]))
+
+
+# ------------------------------------------------------------------------------- JSONL and Parquet
+
+
+def _jsonl_text(raw: bytes, part: Part, offset: int) -> str:
+  where = f"config.data.jsonl_files: {part.path}, the line at byte {offset}"
+  try:
+    record = json.loads(raw)
+  except ValueError as e:
+    raise DataError(f"{where} is not a JSON object: {e}") from e
+  if not isinstance(record, dict) or part.field not in record:
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise DataError(f"{where} has no field config.data.text_field={part.field!r} (it has "
+                    f"{keys}).")
+  text = record[part.field]
+  if text is None:
+    return ""
+  if not isinstance(text, str):
+    raise DataError(f"{where}: field {part.field!r} is a {type(text).__name__}, not text.")
+  return text
+
+
+def jsonl_corpus(spec: str, text_field: str = "text") -> Corpus:
+  """The `text_field` of every JSON object of JSON-lines files (local or gs://)."""
+  files = _expand_files(spec, "jsonl_files", "/data/corpus/*.jsonl")
+  stats = [storage.fingerprint_of(f) for f in files]
+  parts_of = _line_file_parts("jsonl", files, [s[1] for s in stats], text_field)
+
+  def documents() -> Iterator[str]:
+    for part in parts_of(1 << 62):
+      for raw, offset in _lines_with_offsets(part):
+        if raw.strip():
+          text = _jsonl_text(raw, part, offset)
+          if text.strip():
+            yield text
+
+  return Corpus(f"jsonl:{spec}[{text_field}]", _hash(["jsonl", text_field, stats]), documents,
+                parts_of)
+
+
+def _parquet_file(path: str):
+  import pyarrow.parquet as pq  # installed with tensorflow-datasets; only this source needs it
+  try:
+    return pq.ParquetFile(storage.open_read(path))
+  except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a file that is not Parquet
+    raise DataError(f"config.data.parquet_files: {path} is not a Parquet file ({e}).") from e
+
+
+def _parquet_texts(part: Part) -> Iterator[str]:
+  pf = _parquet_file(part.path)
+  if part.field not in pf.schema_arrow.names:
+    raise DataError(f"config.data.parquet_files: {part.path} has no column "
+                    f"config.data.text_field={part.field!r} (it has {pf.schema_arrow.names}).")
+  for group in range(part.start, part.stop):
+    column = pf.read_row_group(group, columns=[part.field]).column(0)
+    for text in column.to_pylist():
+      if isinstance(text, str) and text.strip():
+        yield text
+
+
+def parquet_corpus(spec: str, text_field: str = "text") -> Corpus:
+  """The `text_field` column of Parquet files (local or gs://), split by row groups."""
+  files = _expand_files(spec, "parquet_files", "/data/corpus/*.parquet")
+  stats = [storage.fingerprint_of(f) for f in files]
+
+  def parts(part_bytes: int) -> list[Part]:
+    out = []
+    for f in files:
+      meta = _parquet_file(f).metadata
+      sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
+      start, acc = 0, 0
+      for g, n in enumerate(sizes):
+        acc += n
+        if acc >= part_bytes or g == len(sizes) - 1:
+          out.append(Part("parquet", f, start, g + 1, text_field, size=acc))
+          start, acc = g + 1, 0
+    return out
+
+  def documents() -> Iterator[str]:
+    for part in parts(1 << 62):
+      yield from _parquet_texts(part)
+
+  return Corpus(f"parquet:{spec}[{text_field}]", _hash(["parquet", text_field, stats]),
+                documents, parts)
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -406,11 +611,15 @@ def corpus_from_config(config: Any) -> Corpus:
   source = cfg_get(data, "source", "embedded")
   if source == "embedded":
     max_bytes = cfg_get(data, "embedded_max_bytes", DEFAULT_EMBEDDED_MAX_BYTES)
-    name, data_dir = prepare_embedded_corpus(resolve_cache_dir(config), max_bytes)
+    name, data_dir = prepare_embedded_corpus(local_cache_dir(config), max_bytes)
     return tfds_corpus(name, "train", data_dir, "text", label=f"embedded:{name}")
   if source == "text_files":
     return text_file_corpus(cfg_get(data, "text_files", ""),
                             bool(cfg_get(data, "split_on_blank_lines", False)))
+  if source == "jsonl":
+    return jsonl_corpus(cfg_get(data, "jsonl_files", ""), cfg_get(data, "text_field", "text"))
+  if source == "parquet":
+    return parquet_corpus(cfg_get(data, "parquet_files", ""), cfg_get(data, "text_field", "text"))
   if source == "tfds":
     return tfds_corpus(cfg_get(data, "tfds_name", ""), cfg_get(data, "tfds_split", "train"),
                        cfg_get(data, "tfds_data_dir", ""),

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 from typing import Iterable, Iterator, Sequence
-import uuid
 
 import numpy as np
 import sentencepiece
 
 from deberta_jax.data import DataError
+from deberta_jax.data import storage
 
 PAD_ID, CLS_ID, SEP_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_PIECES = ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
@@ -73,10 +74,9 @@ class Tokenizer:
 
   def __init__(self, model_path: str):
     model_path = os.fspath(model_path)
-    if not os.path.isfile(model_path):
+    if not storage.isfile(model_path):
       raise DataError(f"SentencePiece model file not found: {model_path}")
-    with open(model_path, "rb") as f:
-      proto = f.read()
+    proto = storage.read_bytes(model_path)
     sp = _lazy_spm().SentencePieceProcessor()
     try:
       sp.LoadFromSerializedProto(proto)
@@ -91,6 +91,7 @@ class Tokenizer:
           f"--model_prefix=...`.")
     self._sp = sp
     self.model_path = model_path
+    self.proto = proto
     self.fingerprint = hashlib.sha256(proto).hexdigest()[:16]
 
   # The layout is fixed (checked above); properties keep call sites readable.
@@ -121,9 +122,10 @@ class Tokenizer:
     """Pieces of `text` as int32 ids, without [CLS]/[SEP] (packing adds those)."""
     return np.asarray(self._sp.encode(text, out_type=int), dtype=np.int32)
 
-  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-    """`encode` of many texts at once, on all cores (spm's C++ thread pool)."""
-    ids = self._sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+  def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[np.ndarray]:
+    """`encode` of many texts at once on `num_threads` threads (spm's C++ pool; 0 = all cores)."""
+    ids = self._sp.encode(list(texts), out_type=int,
+                          num_threads=num_threads or os.cpu_count() or 1)
     return [np.asarray(x, dtype=np.int32) for x in ids]
 
   def decode(self, ids: Iterable[int]) -> str:
@@ -155,13 +157,6 @@ class Tokenizer:
     return f"Tokenizer({self.model_path!r}, num_pieces={self.num_pieces}, mask_id={self.mask_id})"
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _lines(texts: Iterable[str]) -> Iterator[str]:
   for text in texts:
     for line in text.splitlines():
@@ -169,58 +164,71 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
         yield line
 
 
+def sample_lines(texts: Iterable[str], max_sentences: int, seed: int = 42) -> tuple[list[str], int]:
+  """A uniform random sample of at most `max_sentences` non-blank lines of all `texts`, and the
+  number of lines seen (reservoir sampling: one pass, memory bounded by the sample, not by the
+  corpus; the sample depends only on the text, its order and `seed`)."""
+  rng = random.Random(seed)
+  sample: list[str] = []
+  seen = 0
+  for line in _lines(texts):
+    if seen < max_sentences:
+      sample.append(line)
+    else:
+      j = rng.randrange(seen + 1)
+      if j < max_sentences:
+        sample[j] = line
+    seen += 1
+  return sample, seen
+
+
 def train_spm(text_iter: Iterable[str], vocab_size: int, model_prefix: str, *,
-              character_coverage: float = 0.9995, input_sentence_size: int = 2_000_000,
-              max_lines: int = 20_000_000, num_threads: int = 8, seed: int = 42) -> str:
+              character_coverage: float = 0.9995, max_sentences: int = 1_000_000,
+              num_threads: int = 8, seed: int = 42) -> str:
   """Trains a unigram spm with the DeBERTaV3 layout and returns the path of the .model file.
 
   Settings follow the user reproduction of the official model (DeBERTa issue #127): unigram,
   pad/bos/eos/unk ids 0/1/2/3 with pieces [PAD] [CLS] [SEP] [UNK], no lower-casing. There is no
   punctuation pre-splitting (the reference tokenizer's split_by_punct is off). Each line of each
-  text is one training sentence; at most `max_lines` are read and spm samples
-  `input_sentence_size` of them, so a huge corpus costs bounded time and memory.
+  text is one training sentence. spm keeps every sentence it is handed in memory, so a 500 MB
+  corpus took 8 GB; here `max_sentences` lines are sampled uniformly over the whole input
+  (`sample_lines`) and only they reach spm, so memory stays flat in corpus size.
   `character_coverage` 0.9995 (spm's recommendation for large character sets) keeps rare symbols
   from crowding out pieces; the reproduction used 1.0.
 
-  The model file depends only on the text and these arguments, byte for byte: spm's sentence
-  sampling is seeded with `seed`, `num_threads` is fixed rather than taken from the machine (the
-  EM result changes with the thread count), and the model is received in memory rather than
-  through `model_prefix` (spm records that path inside the model). So every host of a job trains
-  the same model with the same fingerprint. Files are written under a temporary name and
-  renamed, so concurrent trainers never see a half-written model.
+  The model file depends only on the text and these arguments, byte for byte: the sample and
+  spm's own randomness are seeded with `seed`, `num_threads` is fixed rather than taken from the
+  machine (the EM result changes with the thread count), and the model is received in memory
+  rather than through `model_prefix` (spm records that path inside the model). So every host of
+  a job trains the same model with the same fingerprint. Files appear whole (a temporary name and
+  a rename locally; one upload on gs://), so concurrent trainers never see a half-written model.
   """
   spm = _lazy_spm()
-  model_prefix = os.path.abspath(os.fspath(model_prefix))
-  os.makedirs(os.path.dirname(model_prefix), exist_ok=True)
-  counted = {"n": 0}
-
-  def sentences():
-    for line in _lines(text_iter):
-      if counted["n"] >= max_lines:
-        return
-      counted["n"] += 1
-      yield line
+  model_prefix = storage.absolute(os.fspath(model_prefix))
+  storage.makedirs(os.path.dirname(model_prefix))
+  sentences, seen = sample_lines(text_iter, int(max_sentences), seed)
+  counted = {"n": len(sentences)}
 
   spm.set_random_generator_seed(seed)
   model = io.BytesIO()  # not model_prefix: spm would store the (temporary) path in the model
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(), model_writer=model, vocab_size=int(vocab_size),
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=int(vocab_size),
         model_type="unigram", character_coverage=character_coverage,
         pad_id=PAD_ID, bos_id=CLS_ID, eos_id=SEP_ID, unk_id=UNK_ID,
         pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]",
-        input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+        input_sentence_size=0, shuffle_input_sentence=False,
         num_threads=num_threads, minloglevel=2)
   except Exception as e:  # RuntimeError from C++ (e.g. "Vocabulary size too high")
     if counted["n"] == 0:
       raise DataError(f"Cannot train SentencePiece model {model_prefix}.model: the corpus has "
                       f"no text") from e
     raise DataError(f"SentencePiece training of {model_prefix}.model with vocab_size="
-                    f"{vocab_size} on {counted['n']} lines failed: {e}") from e
+                    f"{vocab_size} on {counted['n']} of {seen} lines failed: {e}") from e
   proto = model.getvalue()
   sp = spm.SentencePieceProcessor(model_proto=proto)
   vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n"
                   for i in range(sp.get_piece_size()))
-  _atomic_write(model_prefix + ".vocab", vocab.encode("utf-8"))
-  _atomic_write(model_prefix + ".model", proto)
+  storage.write_bytes(model_prefix + ".vocab", vocab.encode("utf-8"))
+  storage.write_bytes(model_prefix + ".model", proto)
   return model_prefix + ".model"

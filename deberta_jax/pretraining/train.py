@@ -19,12 +19,14 @@ import numpy as np
 from deberta_jax import config as config_lib
 from deberta_jax import errors
 from deberta_jax import workdir as workdir_lib
+from deberta_jax.data import DataError
 from deberta_jax.data import pipeline as pipeline_lib
 from deberta_jax.models.rtd import RTDModel
 from deberta_jax.pretraining import optim
 from deberta_jax.pretraining import planning
 from deberta_jax.pretraining import train_step as ts
 from deberta_jax.runtime import checkpointing
+from deberta_jax.runtime import distributed
 from deberta_jax.runtime import metrics as metrics_lib
 from deberta_jax.runtime import preemption
 from deberta_jax.runtime import sharding
@@ -78,6 +80,17 @@ def abstract_of(state):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 
 
+def check_hosts_read_one_dataset(fingerprint: str) -> None:
+  """Every process must read the same rows: with one host's corpus one chunk longer, a quarter of
+  the chunks were read twice and others never. Refused before step 1, naming each fingerprint."""
+  seen = distributed.values_per_process(fingerprint)
+  if len(set(seen)) > 1:
+    listing = ", ".join(f"process {i}: {f}" for i, f in enumerate(seen))
+    raise DataError(f"The processes of this run read different datasets ({listing}); each host "
+                    f"must see the same corpus, spm model and seq_len (prepare once with "
+                    f"`python -m deberta_jax.prepare` and train on source='prepared').")
+
+
 def run(config, workdir: str) -> dict:
   """Trains until config.num_train_steps; returns the last logged metrics.
 
@@ -99,10 +112,9 @@ def run(config, workdir: str) -> dict:
 
   # --- 2. Data (validates the corpus and the vocabulary against the tokenizer).
   pipeline = pipeline_lib.make_pipeline(config, jax.process_index(), jax.process_count())
+  check_hosts_read_one_dataset(pipeline.fingerprint)
   tok = pipeline.tokenizer
   tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
-  if is_chief:
-    workdir_lib.write_run_files(config, workdir, tok)
 
   # --- 3. Model, optimizers and state (restored when the workdir has a checkpoint).
   model = RTDModel(config)
@@ -116,6 +128,8 @@ def run(config, workdir: str) -> dict:
     step, state, meta = ckpt.restore(abstract_of(state))
     pipeline.restore(meta["data"])
     logging.info("Resumed from step %d (%s)", step, ckpt.step_path(step))
+  if is_chief:  # after the resume checks: a refused resume leaves the workdir as it was
+    workdir_lib.write_run_files(config, workdir, tok)
   start_step = int(state.step)
 
   # --- 4. The jitted step (train_step.py: mask, generator update, sample, discriminator

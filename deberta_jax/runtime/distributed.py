@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -38,3 +39,16 @@ def initialize() -> None:
   logging.info("Joined %s cluster: process %d of %d, %d local / %d global devices", kind,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+
+
+def values_per_process(value: str, width: int = 64) -> list[str]:
+  """`value` (a short ASCII string, e.g. a fingerprint) as every process has it, by process index.
+
+  One small all-gather through the devices, so it also proves that the processes can talk.
+  """
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils  # multi-process runs only
+  encoded = np.frombuffer(value.encode("ascii")[:width].ljust(width), dtype=np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(encoded))
+  return [bytes(row).decode("ascii").rstrip() for row in gathered.reshape(-1, width)]
