@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_data_dir = ""              # for source='tfds': tfds data_dir ('' = tfds' default)
   c.data.spm_model = ""                # '' = train one on the corpus (cached)
   c.data.spm_vocab_size = 128000         # pieces of the spm model trained when spm_model=''
-  c.data.spm_max_sentences = 1_000_000   # lines sampled (over the whole corpus) to train it
+  c.data.spm_max_sentences = 500_000     # lines sampled (over the whole corpus) to train it
   c.data.cache_dir = ""                # '' = $DEBERTA_JAX_CACHE or ~/.cache/deberta_jax
   c.data.embedded_max_bytes = 8_000_000  # for source='embedded': text taken from the stdlib
   c.data.part_mb = 64.0                  # text per prepared shard (the unit of parallel work)

@@ -5,8 +5,10 @@
   python -m deberta_jax.tokenizer train --embedded --vocab_size=4000 --model_prefix=/tmp/spm
   python -m deberta_jax.tokenizer info --model=/data/spm.model
 
-`train` writes PREFIX.model and PREFIX.vocab: a unigram model with [PAD]=0 [CLS]=1 [SEP]=2
-[UNK]=3 (see deberta_jax.data.spm.train_spm), and prints the [MASK] id and the
+`train` writes PREFIX.model and PREFIX.vocab (local or gs://): a unigram model with [PAD]=0
+[CLS]=1 [SEP]=2 [UNK]=3 (see deberta_jax.data.spm.train_spm), trained on `--max_sentences` lines
+sampled uniformly over all the input, so its memory does not grow with the corpus, and prints
+the [MASK] id and the
 `config.model.vocab_size` to use. Training once up front and passing `--config.data.spm_model`
 is the way for multi-host runs and large corpora; without it the pipeline trains (and caches) a
 model on the corpus itself.
@@ -21,8 +23,8 @@ from deberta_jax import cli
 from deberta_jax.data import corpus as corpus_lib
 from deberta_jax.data import spm as tokenizer_lib
 
-_INPUT = flags.DEFINE_string("input", "", "Text files: a glob, file or directory "
-                             "(comma-separated for several).")
+_INPUT = flags.DEFINE_string("input", "", "Text files, local or gs://: a glob, file or "
+                             "directory (comma-separated for several).")
 _EMBEDDED = flags.DEFINE_bool("embedded", False, "Train on the embedded docstring corpus "
                               "instead of --input.")
 _SPLIT = flags.DEFINE_bool("split_on_blank_lines", False, "One document per blank-line block "
@@ -34,6 +36,9 @@ _COVERAGE = flags.DEFINE_float("character_coverage", 0.9995, "spm character_cove
 _MAX_BYTES = flags.DEFINE_integer("embedded_max_bytes", 8_000_000, "Size of the embedded corpus.")
 _CACHE = flags.DEFINE_string("cache_dir", "", "Where the embedded corpus is prepared "
                              "('' = $DEBERTA_JAX_CACHE or ~/.cache/deberta_jax).")
+_MAX_SENTENCES = flags.DEFINE_integer(
+    "max_sentences", 500_000, "Lines sampled uniformly over the whole input to train on: "
+    "memory is bounded by this, not by the corpus size.")
 _MODEL = flags.DEFINE_string("model", "", "For `info`: the .model file.")
 
 
@@ -58,7 +63,8 @@ def _train() -> str:
     raise cli.app.UsageError("Give --input=GLOB_OR_FILE or --embedded.")
   corpus.check_not_empty()
   path = tokenizer_lib.train_spm(corpus.documents(), _VOCAB.value, _PREFIX.value,
-                                 character_coverage=_COVERAGE.value)
+                                 character_coverage=_COVERAGE.value,
+                                 max_sentences=_MAX_SENTENCES.value)
   return _describe(tokenizer_lib.Tokenizer(path))
 
 

@@ -304,6 +304,10 @@ def test_config_validation_names_the_field(field, value, needle):
     ("text_files", "tfds_data_dir", "/data/tfds"),
     ("tfds", "embedded_max_bytes", 1000),
     ("tfds", "text_files", "/data/*.txt"),
+    ("jsonl", "parquet_files", "/data/*.parquet"),
+    ("text_files", "text_field", "body"),
+    ("prepared", "text_files", "/data/*.txt"),
+    ("embedded", "prepared_dir", "/data/prepared"),
 ])
 def test_a_data_field_the_source_does_not_read_is_refused(source, field, value):
   """One line naming both fields: the run must never train on another corpus than the named one."""
@@ -312,6 +316,10 @@ def test_a_data_field_the_source_does_not_read_is_refused(source, field, value):
     overrides["data.text_files"] = "/data/*.txt"
   if source == "tfds":
     overrides["data.tfds_name"] = "wikipedia/20230601.en"
+  if source == "jsonl":
+    overrides["data.jsonl_files"] = "/data/*.jsonl"
+  if source == "prepared":
+    overrides["data.prepared_dir"] = "/data/prepared"
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(_config(**overrides))
   message = str(error.value)
@@ -325,6 +333,10 @@ def test_each_source_accepts_its_own_fields():
   config_lib.validate(_config(**{"data.source": "tfds", "data.tfds_name": "c4/en",
                                  "data.tfds_split": "validation", "data.tfds_data_dir": "/t"}))
   config_lib.validate(_config(**{"data.embedded_max_bytes": 1000}))
+  for source in ("jsonl", "parquet"):
+    config_lib.validate(_config(**{"data.source": source, f"data.{source}_files": "/d/*",
+                                   "data.text_field": "body"}))
+  config_lib.validate(_config(**{"data.source": "prepared", "data.prepared_dir": "gs://b/p"}))
 
 
 def test_source_fields_unset_values_are_the_config_defaults():
@@ -334,7 +346,8 @@ def test_source_fields_unset_values_are_the_config_defaults():
     for field, unset in fields.items():
       assert data[field] == unset, field
   every = {f for fields in config_lib.SOURCE_FIELDS.values() for f in fields}
-  shared = {"source", "spm_model", "spm_vocab_size", "cache_dir"}  # read by every source
+  shared = {"source", "spm_model", "spm_vocab_size", "spm_max_sentences", "cache_dir",
+            "part_mb", "read_threads", "prefetch_batches"}  # read by every source
   assert set(data.keys()) == every | shared
 
 

@@ -235,7 +235,7 @@ def tokenizer_for(config: Any, corpus: corpus_lib.Corpus | None) -> tokenizer_li
                  path)
     tokenizer_lib.train_spm(corpus.documents(), vocab, path[:-len(".model")],
                             max_sentences=int(corpus_lib.cfg_get(
-                                config.data, "spm_max_sentences", 1_000_000)))
+                                config.data, "spm_max_sentences", 500_000)))
   return tokenizer_lib.Tokenizer(path)
 
 

@@ -183,7 +183,7 @@ def sample_lines(texts: Iterable[str], max_sentences: int, seed: int = 42) -> tu
 
 
 def train_spm(text_iter: Iterable[str], vocab_size: int, model_prefix: str, *,
-              character_coverage: float = 0.9995, max_sentences: int = 1_000_000,
+              character_coverage: float = 0.9995, max_sentences: int = 500_000,
               num_threads: int = 8, seed: int = 42) -> str:
   """Trains a unigram spm with the DeBERTaV3 layout and returns the path of the .model file.
 
