@@ -62,7 +62,7 @@ def _train() -> str:
   else:
     raise cli.app.UsageError("Give --input=GLOB_OR_FILE or --embedded.")
   corpus.check_not_empty()
-  path = tokenizer_lib.train_spm(corpus.documents(), _VOCAB.value, _PREFIX.value,
+  path = tokenizer_lib.train_spm(corpus.lines(), _VOCAB.value, _PREFIX.value,
                                  character_coverage=_COVERAGE.value,
                                  max_sentences=_MAX_SENTENCES.value)
   return _describe(tokenizer_lib.Tokenizer(path))

@@ -154,9 +154,15 @@ class Corpus:
       return [Part("documents")]
     return self._parts(int(part_bytes))
 
+  def lines(self) -> Iterator[str]:
+    """The non-blank lines of every part, in order: what tokenizer training and packing read.
+    Streams line by line, where `documents()` would hold a whole file as one document."""
+    for part in self.parts(1 << 62):
+      yield from read_part(part, self)
+
   def check_not_empty(self) -> None:
-    """Raises DataError when no document has text (reads only up to the first one)."""
-    for _ in self.documents():
+    """Raises DataError when the corpus has no text (reads only up to its first line)."""
+    for _ in self.lines():
       return
     raise DataError(f"Corpus {self.name} is empty: it has no text.")
 

@@ -233,7 +233,7 @@ def tokenizer_for(config: Any, corpus: corpus_lib.Corpus | None) -> tokenizer_li
     vocab = int(corpus_lib.cfg_get(config.data, "spm_vocab_size", 128000))
     logging.info("Training a %d-piece SentencePiece model on %s into %s", vocab, corpus.name,
                  path)
-    tokenizer_lib.train_spm(corpus.documents(), vocab, path[:-len(".model")],
+    tokenizer_lib.train_spm(corpus.lines(), vocab, path[:-len(".model")],
                             max_sentences=int(corpus_lib.cfg_get(
                                 config.data, "spm_max_sentences", 500_000)))
   return tokenizer_lib.Tokenizer(path)
