@@ -460,6 +460,17 @@ def test_pipeline_restore_rejects_other_corpus(text_cfg):
     p.restore(dict(state, num_chunks=state["num_chunks"] + 1))
   with pytest.raises(DataError, match="examples_seen"):
     p.restore({"seed": 0, "num_chunks": state["num_chunks"]})
+  other = dict(state, dataset_fingerprint="0123456789abcdef")
+  with pytest.raises(DataError, match=f"dataset 0123456789abcdef.*dataset {p.fingerprint}"):
+    p.restore(other)
+  # Another global batch continues the same global stream of examples.
+  reference = np.concatenate([p.next_batch()["input_ids"] for _ in range(3)])  # 24 examples
+  wider = text_cfg.copy_and_resolve_references()
+  wider.global_batch_size = 12
+  q = pipeline_lib.make_pipeline(wider)
+  q.restore(state)
+  np.testing.assert_array_equal(
+      np.concatenate([q.next_batch()["input_ids"] for _ in range(2)]), reference)
 
 
 def test_pipeline_process_slices(text_cfg):
