@@ -119,6 +119,22 @@ def base_config() -> ml_collections.ConfigDict:
   # reports (TPU/GPU), none on CPU.
   c.mesh.device_memory_gb = 0.0
 
+  # Start from released weights (continued pre-training); '' = random initialisation. Each is a
+  # Hugging Face DebertaV2 directory or one state-dict file of the official release
+  # (pytorch_model.generator.bin / pytorch_model.bin); ignored when the workdir has a checkpoint.
+  c.init = ml_collections.ConfigDict()
+  c.init.generator = ""                  # generator weights (with its LM head, if any)
+  c.init.discriminator = ""              # discriminator weights (with its RTD head, if any)
+
+  # Held-out evaluation: a fixed slice of the dataset is never trained on; every `every_steps`
+  # (and at step 0 of a fresh run, and at the last step) both networks are evaluated on
+  # `num_batches` fixed batches of it, dropout off (eval_* in metrics.jsonl, TensorBoard, console).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 5000              # 0 = no evaluation and no held-out rows
+  c.eval.num_batches = 10                # batches per evaluation
+  c.eval.batch_size = 0                  # sequences per evaluation batch (0 = global_batch_size)
+  c.eval.holdout_fraction = 0.001        # of the dataset's rows (at least what the batches read)
+
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 10_000            # permanent checkpoints every N steps (and the last step)
   c.ckpt.keep = 3                        # permanent checkpoints kept (the newest)

@@ -123,6 +123,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"is set ({value!r}) but config.data.source={config.data.source!r} does not read "
              f"it; only source={' or '.join(map(repr, sources))} does "
              f"(--config.data.source={sources[0]})")
+  _require(config.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = off)")
+  _require(config.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
+  _require(config.eval.batch_size >= 0, "eval.batch_size", "must be >= 0 (0 = global batch)")
+  _require(0 <= config.eval.holdout_fraction < 0.5, "eval.holdout_fraction",
+           "must be in [0, 0.5)")
   _require(config.data.part_mb > 0, "data.part_mb", "must be > 0")
   _require(config.data.read_threads >= 1, "data.read_threads", "must be >= 1")
   _require(config.data.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")

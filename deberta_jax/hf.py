@@ -277,6 +277,71 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict]:
   return config, traverse_util.unflatten_dict(flat)
 
 
+def read_state(path: str) -> dict[str, np.ndarray]:
+  """The float32 tensors of a checkpoint: a HF directory (model.safetensors or
+  pytorch_model.bin) or a single state-dict file (.safetensors, or a torch .bin such as the
+  official release's `pytorch_model.bin` / `pytorch_model.generator.bin`), keys as stored."""
+  if os.path.isdir(path):
+    return _read_state(path)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such file or directory")
+  directory, name = os.path.split(path)
+  if name.endswith(".safetensors"):
+    try:
+      with safe_open(path, framework="flax") as f:
+        return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    except Exception as e:  # a corrupt file: name it
+      raise CheckpointError(f"cannot read the weights in {path}: {type(e).__name__}: {e}") from e
+  try:
+    import torch  # pylint: disable=import-outside-toplevel  # optional: only for .bin files
+  except ImportError as e:
+    raise CheckpointError(f"{path}: reading a torch state dict needs torch") from e
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+  except Exception as e:  # a corrupt file or not a state dict: name it
+    raise CheckpointError(f"cannot read the weights in {path} ({directory}): "
+                          f"{type(e).__name__}: {e}") from e
+
+
+def network_from_state(state: dict[str, np.ndarray], num_layers: int, padded_vocab_size: int,
+                       path: str) -> tuple[dict[tuple[str, ...], np.ndarray], list[str], int]:
+  """Our flat parameters from a DebertaV2 state dict (HF or official key layout), with whatever
+  heads it has: (flat params, head names found, rows of its word embedding).
+
+  The backbone must be complete (CheckpointError naming the first missing tensor); the EMD's
+  absolute position table and the heads may be absent.
+  """
+  state = _normalise_keys(state)
+  if "embeddings.word_embeddings.weight" not in state:
+    raise CheckpointError(f"{path}: no embeddings.word_embeddings.weight (deberta.* keys): not a "
+                          f"DebertaV2 checkpoint")
+  rows = int(state["embeddings.word_embeddings.weight"].shape[0])
+  if rows > padded_vocab_size:
+    raise CheckpointError(f"{path}: embeddings.word_embeddings.weight has {rows} rows, more than "
+                          f"this model's {padded_vocab_size}")
+  names = _name_map(num_layers)
+  heads = []
+  if "mask_predictions.dense.weight" in state:
+    heads.append("mask_predictions")
+  if "lm_predictions.lm_head.dense.weight" in state:
+    heads.append("lm_head")
+  elif "cls.predictions.transform.dense.weight" in state:
+    heads.append("legacy_lm_head")
+  for head in heads:
+    names += _head_map(head)
+  flat = {}
+  for torch_key, ours, kind in _present(names, lambda t, o: t in state,
+                                        lambda t, o: f"{path}: weight {t!r} is missing"):
+    value = state[torch_key]
+    if kind == "linear":
+      value = value.T
+    elif kind in ("table", "vector"):
+      value = _pad_rows(value, padded_vocab_size)
+    flat[tuple(ours.split("/"))] = np.ascontiguousarray(value, np.float32)
+  return flat, ["lm_head" if h == "legacy_lm_head" else h for h in heads], rows
+
+
 def _present(names, available, missing_message):
   """The (torch key, our path, kind) entries of `names` that `available(torch_key, ours)`
   finds. Only the EMD's absolute position table may be absent (transformers' v3 models have

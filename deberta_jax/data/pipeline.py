@@ -92,10 +92,15 @@ class Pipeline:
 
   def __init__(self, rows: PreparedRows, tokenizer: tokenizer_lib.Tokenizer, *, seed: int,
                global_batch_size: int, process_index: int = 0, process_count: int = 1,
-               corpus_name: str = "", read_threads: int = 16, prefetch_batches: int = 16):
+               corpus_name: str = "", read_threads: int = 16, prefetch_batches: int = 16,
+               holdout_rows: int = 0):
     _check_layout(global_batch_size, process_index, process_count)
     _check_seed(seed)
+    if not 0 <= holdout_rows <= len(rows) // 2:
+      raise DataError(f"{holdout_rows} held-out rows of a dataset of {len(rows)}: at most half "
+                      f"may be held out (config.eval.holdout_fraction, config.eval.num_batches).")
     self.rows = rows
+    self.holdout_rows = int(holdout_rows)
     self.tokenizer = tokenizer
     self.seed = int(seed)
     self.global_batch_size = int(global_batch_size)
@@ -114,6 +119,34 @@ class Pipeline:
     return len(self.rows)
 
   @property
+  def num_train_rows(self) -> int:
+    return len(self.rows) - self.holdout_rows
+
+  def _split(self, positions: list[int]) -> list[int]:
+    """The held-out/train split: one fixed permutation of all rows (keyed by the dataset alone,
+    so every host, every seed and every resume agrees); its first `holdout_rows` entries are
+    held out, the rest are the training pool."""
+    from grain.experimental import index_shuffle  # grain loads its C++ extension on import
+    if not self.holdout_rows:
+      return positions
+    key = int(self.fingerprint, 16) & 0x7FFFFFFF
+    return [index_shuffle(p, max_index=self.num_chunks - 1, seed=key, rounds=_SHUFFLE_ROUNDS)
+            for p in positions]
+
+  def holdout_indices(self, count: int) -> np.ndarray:
+    """Row numbers of held-out examples 0 .. count-1 (wrapping around the held-out rows)."""
+    if not self.holdout_rows:
+      raise DataError("No rows are held out (config.eval.every_steps=0).")
+    return np.asarray(self._split([i % self.holdout_rows for i in range(count)]), dtype=np.int64)
+
+  def holdout_batch(self, index: int, global_batch_size: int) -> dict[str, np.ndarray]:
+    """This process's rows of held-out batch `index` (fixed: the same in every evaluation)."""
+    local = global_batch_size // self.process_count
+    start = index * global_batch_size + self.process_index * local
+    ids = self.rows.read(self.holdout_indices(start + local)[start:])
+    return {"input_ids": ids, "attention_mask": (ids != self.tokenizer.pad_id).astype(np.int32)}
+
+  @property
   def seq_len(self) -> int:
     return self.rows.seq_len
 
@@ -124,13 +157,13 @@ class Pipeline:
   def chunk_indices(self, start: int, count: int) -> np.ndarray:
     """Row numbers of global examples start .. start+count-1."""
     from grain.experimental import index_shuffle  # grain loads its C++ extension on import
-    n = self.num_chunks
-    out = np.empty(count, dtype=np.int64)
-    for i, position in enumerate(range(start, start + count)):
+    n = self.num_train_rows
+    pool = []
+    for position in range(start, start + count):
       epoch, offset = divmod(position, n)
-      out[i] = index_shuffle(offset, max_index=n - 1, seed=epoch_seed(self.seed, epoch),
-                             rounds=_SHUFFLE_ROUNDS)
-    return out
+      pool.append(self.holdout_rows + index_shuffle(
+          offset, max_index=n - 1, seed=epoch_seed(self.seed, epoch), rounds=_SHUFFLE_ROUNDS))
+    return np.asarray(self._split(pool), dtype=np.int64)
 
   def batch_at(self, start: int) -> dict[str, np.ndarray]:
     """This process's rows of the global batch whose first example is `start`."""
@@ -166,8 +199,8 @@ class Pipeline:
     (within the epoch) are for humans."""
     n = self._examples_seen
     return {"seed": self.seed, "examples_seen": n, "num_chunks": self.num_chunks,
-            "dataset_fingerprint": self.fingerprint,
-            "epoch": n // self.num_chunks, "position": n % self.num_chunks,
+            "dataset_fingerprint": self.fingerprint, "holdout_rows": self.holdout_rows,
+            "epoch": n // self.num_train_rows, "position": n % self.num_train_rows,
             "global_batch_size": self.global_batch_size}
 
   def restore(self, state: dict[str, Any]) -> None:
@@ -184,6 +217,11 @@ class Pipeline:
       raise DataError(
           f"Pipeline state was saved for a corpus of {state['num_chunks']} chunks, this one has "
           f"{self.num_chunks}: the corpus, the spm model or config.seq_len changed.")
+    if int(state.get("holdout_rows", 0)) != self.holdout_rows:
+      raise DataError(
+          f"The checkpoint's data position counts in a training pool with "
+          f"{state.get('holdout_rows', 0)} held-out rows; this run holds out "
+          f"{self.holdout_rows} (config.eval changed). Resume with the original config.eval.")
     if int(state["seed"]) != self.seed:
       logging.warning("Restoring data order of seed %s (config.seed is %s).", state["seed"],
                       self.seed)
@@ -313,6 +351,22 @@ def _wait_for(path: str, timeout_s: float = 24 * 3600, poll_s: float = 10.0) -> 
     time.sleep(poll_s)
 
 
+def eval_batch_size(config: Any) -> int:
+  return int(corpus_lib.cfg_get(config.get("eval", {}), "batch_size", 0)) or int(
+      config.global_batch_size)
+
+
+def holdout_rows(config: Any, num_rows: int) -> int:
+  """Rows held out for evaluation: `config.eval.holdout_fraction` of the dataset, at least what
+  the evaluation batches read (so no held-out row repeats), at most half of a small dataset."""
+  evaluation = config.get("eval", None)
+  if evaluation is None or not int(corpus_lib.cfg_get(evaluation, "every_steps", 0)):
+    return 0
+  needed = int(evaluation.num_batches) * eval_batch_size(config)
+  wanted = max(int(np.ceil(float(evaluation.holdout_fraction) * num_rows)), needed)
+  return min(wanted, num_rows // 2)
+
+
 def make_pipeline(config: Any, process_index: int = 0, process_count: int = 1) -> Pipeline:
   """Prepares the data if needed (cached), checks it against the config, returns the batches.
 
@@ -342,7 +396,7 @@ def make_pipeline(config: Any, process_index: int = 0, process_count: int = 1) -
   rows = PreparedRows(directory, manifest)
   pipeline = Pipeline(rows, tokenizer, seed=int(config.seed), global_batch_size=global_batch_size,
                       process_index=process_index, process_count=process_count,
-                      corpus_name=corpus_name,
+                      corpus_name=corpus_name, holdout_rows=holdout_rows(config, len(rows)),
                       read_threads=int(corpus_lib.cfg_get(config.data, "read_threads", 16)),
                       prefetch_batches=int(corpus_lib.cfg_get(config.data, "prefetch_batches", 16)))
   logging.info("%r: %d pieces in %s", pipeline, manifest["num_tokens"], directory)

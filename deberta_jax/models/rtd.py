@@ -88,4 +88,9 @@ class RTDModel:
     table = self.discriminator_table(params)
     if table is not None:
       disc["embeddings"] = {**disc["embeddings"], "word_embeddings": table}
+    generator_positions = params["generator"]["embeddings"].get("position_embeddings")
+    if self.sharing == "gdes" and generator_positions is not None:
+      # P_D = P_G + P_delta: the position table the official discriminator checkpoints carry.
+      disc["embeddings"] = {**disc["embeddings"], "position_embeddings": (
+          generator_positions + params["discriminator"][DELTA]["position_embeddings"])}
     return disc

@@ -22,8 +22,11 @@ from deberta_jax import workdir as workdir_lib
 from deberta_jax.data import DataError
 from deberta_jax.data import pipeline as pipeline_lib
 from deberta_jax.models.rtd import RTDModel
+from deberta_jax.pretraining import evaluation
+from deberta_jax.pretraining import init_from
 from deberta_jax.pretraining import optim
 from deberta_jax.pretraining import planning
+from deberta_jax.pretraining import samples
 from deberta_jax.pretraining import train_step as ts
 from deberta_jax.runtime import checkpointing
 from deberta_jax.runtime import distributed
@@ -80,6 +83,14 @@ def abstract_of(state):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 
 
+def make_evaluator(model, config, tokens, pipeline, state_shardings, batch_sharding):
+  """The held-out evaluation (evaluation.py), or None when config.eval.every_steps is 0."""
+  if not int(config.eval.every_steps):
+    return None
+  return evaluation.Evaluator(model, config, tokens, pipeline, state_shardings.params,
+                              batch_sharding, lambda b: _global_batch(b, batch_sharding))
+
+
 def check_hosts_read_one_dataset(fingerprint: str) -> None:
   """Every process must read the same rows: with one host's corpus one chunk longer, a quarter of
   the chunks were read twice and others never. Refused before step 1, naming each fingerprint."""
@@ -128,6 +139,10 @@ def run(config, workdir: str) -> dict:
     step, state, meta = ckpt.restore(abstract_of(state))
     pipeline.restore(meta["data"])
     logging.info("Resumed from step %d (%s)", step, ckpt.step_path(step))
+  elif config.init.generator or config.init.discriminator:
+    params, notes = init_from.initial_params(config, model, init_from.host_copy(state.params))
+    state = state.replace(params=init_from.place(params, state_shardings.params))
+    init_from.log_notes(notes)
   if is_chief:  # after the resume checks: a refused resume leaves the workdir as it was
     workdir_lib.write_run_files(config, workdir, tok)
   start_step = int(state.step)
@@ -153,6 +168,10 @@ def run(config, workdir: str) -> dict:
     stop_at = min(stop_at, start_step + config.stop_after_steps)
   sums, timer, timed_from, preempted = None, None, start_step, False
   last_logged = {}
+  evaluate = make_evaluator(model, config, tokens, pipeline, state_shardings, batch_sharding)
+  eval_every = int(config.eval.every_steps)
+  if evaluate is not None and start_step == 0:  # where a run (or a released model) starts from
+    writer.write(0, evaluate(state.params))
 
   def save(step, force):
     meta = {"data": pipeline.state(), "step": step,
@@ -170,9 +189,10 @@ def run(config, workdir: str) -> dict:
         timer, timed_from = time.time(), step
       preempted = stop.should_stop(step)
       log_now = step % config.log.every_steps == 0 or step == stop_at
+      eval_now = evaluate is not None and (step % eval_every == 0 or step == stop_at)
       periodic = step % config.ckpt.every_steps == 0 or step == stop_at
       timed_now = log_now and timed.due()
-      if not (log_now or periodic or preempted or timed_now):
+      if not (log_now or eval_now or periodic or preempted or timed_now):
         continue
       # Nothing is saved or logged past a non-finite step: this raises first ('stop' mode).
       health.add(jax.device_get(sums), step)
@@ -183,10 +203,16 @@ def run(config, workdir: str) -> dict:
         if step > timed_from:
           scalars["tokens_per_second"] = tokens_per_step * (step - timed_from) / (
               time.time() - timer)
+        if eval_now:
+          scalars.update(evaluate(state.params))
         writer.write(step, scalars)
         last_logged = scalars
         health.reset()
         timer, timed_from = time.time(), step
+      elif eval_now:
+        eval_start = time.time()
+        writer.write(step, evaluate(state.params))
+        timer += time.time() - eval_start  # tokens/s counts training time only
       if periodic or preempted or timed_now:
         save(step, force=step == stop_at or preempted or timed_now)
       if preempted:
@@ -199,6 +225,11 @@ def run(config, workdir: str) -> dict:
     raise errors.Preempted(f"stopped by SIGTERM after step {step}; checkpoint {step} is saved in "
                     f"{ckpt.step_path(step)}. Rerun the same command to resume.")
   logging.info("Finished at step %d of %d", stop_at, config.num_train_steps)
+  if evaluate is not None and is_chief and jax.process_count() == 1:
+    held_out = pipeline.holdout_batch(0, pipeline_lib.eval_batch_size(config))
+    for line in samples.describe(model, state.params, tok,
+                                 {k: v[:3] for k, v in held_out.items()}, config, config.seed):
+      logging.info("%s", line)
   return last_logged
 
 

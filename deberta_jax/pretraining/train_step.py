@@ -123,7 +123,7 @@ def _row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
 
 
-def _sample(key, rows, logits, temperature):
+def sample_rows(key, rows, logits, temperature):
   """Per-row sampling keys: the draw for a sequence does not depend on the micro-batch split."""
   return jax.vmap(lambda k, l: masking.sample_from_blocks(k, l, temperature))(
       _row_keys(key, rows), logits)
@@ -197,7 +197,7 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
       loss, (sums, logits) = mlm_loss(
           model, gen_params, mb["masked_ids"], mb["attention_mask"], mb["positions"],
           mb["labels"], mb["weights"], k_gen, mlm_count, deterministic, rows)
-      return loss, (sums, {"sampled": _sample(k_sample, mb["rows"], logits, temperature)})
+      return loss, (sums, {"sampled": sample_rows(k_sample, mb["rows"], logits, temperature)})
 
     gen_params, gen_opt, gen_sums, outputs, gen_norm, gen_ok = train_network(
         "generator", generator_loss, state.params["generator"], state.opt_state["generator"],
@@ -233,7 +233,7 @@ def make_train_step(model: RTDModel, optimizers, config, tokens: SpecialTokens, 
       gen_loss, (gen_sums, logits) = mlm_loss(
           model, params["generator"], mb["masked_ids"], mb["attention_mask"], mb["positions"],
           mb["labels"], mb["weights"], k_gen, mlm_count, deterministic, rows)
-      sampled = _sample(k_sample, mb["rows"], logits, temperature)
+      sampled = sample_rows(k_sample, mb["rows"], logits, temperature)
       replaced, is_replaced = masking.replace_tokens(mb["ids"], mb["positions"], mb["weights"],
                                                      sampled)
       disc_loss, disc_sums = rtd_loss(model, params, replaced, is_replaced, mb["attention_mask"],

@@ -52,7 +52,9 @@ class MetricWriter:
       eta = f" eta {_duration(rate * (self.total_steps - step))}"
     shown = " ".join(f"{k}={scalars[k]:.4g}" for k in
                      ("mlm_loss", "mlm_accuracy", "rtd_loss", "rtd_accuracy", "learning_rate",
-                      "tokens_per_second") if k in scalars)
+                      "tokens_per_second", "eval_mlm_loss", "eval_unigram_entropy",
+                      "eval_mlm_accuracy", "eval_rtd_loss", "eval_rtd_base_loss",
+                      "eval_rtd_auc") if k in scalars)
     return f"step {step}/{self.total_steps} ({100 * done:.1f}%){eta} {shown}"
 
   def close(self) -> None:

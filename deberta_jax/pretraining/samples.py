@@ -1,0 +1,68 @@
+"""What the trained networks do on a few held-out sentences, in words a person can check.
+
+Losses say that a run learned; these lines say what: for each sentence, the masked pieces, the
+generator's top guesses for each, the pieces it put in their place, and the tokens the
+discriminator flags as replaced (with what it got right).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deberta_jax.pretraining import masking
+from deberta_jax.pretraining import train_step as ts
+
+_SHOWN_MASKS = 6
+_SHOWN_CHARS = 200
+
+
+def _text(tokenizer, ids) -> str:
+  text = tokenizer.decode(ids)
+  return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + " ..."
+
+
+def describe(model, params, tokenizer, batch: dict, config, seed: int = 0) -> list[str]:
+  """Lines describing both networks on the rows of `batch` (host arrays; a few rows)."""
+  params = jax.device_get(params)
+  tokens = ts.SpecialTokens(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id,
+                            tokenizer.unk_id, tokenizer.mask_id)
+  ids = jnp.asarray(batch["input_ids"])
+  attention = jnp.asarray(batch["attention_mask"])
+  k_mask, k_sample = jax.random.split(jax.random.key(seed))
+  masked = masking.mask_tokens(k_mask, ids, attention, tokens.never_masked, tokens.mask_id,
+                               float(config.rtd.mask_prob))
+  logits = model.generator_logits(params["generator"], masked.input_ids, attention,
+                                  masked.positions, None, deterministic=True)
+  flat = np.asarray(logits).reshape(logits.shape[0], logits.shape[1], -1)
+  top = np.argsort(-flat, axis=-1)[..., :3]
+  sampled = ts.sample_rows(k_sample, jnp.arange(ids.shape[0]), logits,
+                           float(config.rtd.temperature))
+  replaced, is_replaced = masking.replace_tokens(ids, masked.positions, masked.weights, sampled)
+  flagged = np.asarray(model.discriminator_logits(params, replaced, attention, None,
+                                                  deterministic=True)) > 0
+  ids, replaced, is_replaced = np.asarray(ids), np.asarray(replaced), np.asarray(is_replaced)
+  attention = np.asarray(attention).astype(bool)
+  positions, weights = np.asarray(masked.positions), np.asarray(masked.weights)
+  piece = tokenizer.id_to_piece
+  lines = []
+  for row in range(ids.shape[0]):
+    lines.append(f"sentence {row + 1}: {_text(tokenizer, ids[row])}")
+    lines.append(f"  masked:      {_text(tokenizer, np.asarray(masked.input_ids)[row])}")
+    guesses = []
+    for slot in np.flatnonzero(weights[row] > 0)[:_SHOWN_MASKS]:
+      true = piece(int(ids[row, positions[row, slot]]))
+      options = "/".join(piece(int(t)) for t in top[row, slot])
+      guesses.append(f"{true} -> {options}")
+    lines.append(f"  generator top-3 (true -> guesses): {'; '.join(guesses)}")
+    swapped = [f"{piece(int(ids[row, p]))}->{piece(int(replaced[row, p]))}"
+               for p in np.flatnonzero(is_replaced[row])]
+    lines.append(f"  replaced by the generator: {', '.join(swapped) or 'nothing'}")
+    flags = flagged[row] & attention[row]
+    hits = int((flags & is_replaced[row]).sum())
+    shown = [piece(int(replaced[row, p])) for p in np.flatnonzero(flags)][:12]
+    lines.append(f"  discriminator flags {int(flags.sum())} token(s) as replaced "
+                 f"({hits} of {int(is_replaced[row].sum())} replaced found): "
+                 f"{', '.join(shown) or 'none'}")
+  return lines
