@@ -62,7 +62,7 @@ def get_config():
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1
-  c.export_best = False         # write OUT/best_model as a HF DebertaV2ForSequenceClassification
+  c.export_best = True          # write OUT/best_model as a HF DebertaV2ForSequenceClassification
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0        # 0 = every device

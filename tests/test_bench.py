@@ -55,10 +55,11 @@ def test_flops_tiny_by_hand():
   spec = 3 * (5 * layer + head + mlm)
   executed = 3 * (4 * layer + head + mlm)
   chex.assert_trees_all_close(
-      (flops.flops_per_token(config), flops.flops_per_token(config, count="executed")),
+      (flops.flops_per_token(config, length),
+       flops.flops_per_token(config, length, count="executed")),
       (spec, executed), rtol=1e-12)
   chex.assert_trees_all_close((spec, executed), (3091891.2, 2502835.2), rtol=1e-12)
-  assert flops.breakdown(config).layer_passes == 5
+  assert flops.breakdown(config, length).layer_passes == 5
 
 
 def test_flops_generator_depth_and_short_sequences():

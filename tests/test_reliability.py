@@ -35,16 +35,21 @@ from tests.overrides import apply_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
-# Short run, a checkpoint every 5 steps, metrics every step (the kill points are read from them).
+# Short run, a checkpoint every 5 steps, metrics every step (the kill points are read from them),
+# held-out evaluation at steps 0, 10, 20 and 30 (an interrupted run must evaluate alike too).
 CHAIN_FLAGS = {"num_train_steps": STEPS, "optim.warmup_steps": 5, "ckpt.every_steps": 5,
-               "log.every_steps": 1, "mesh.num_devices": 1}
+               "log.every_steps": 1, "mesh.num_devices": 1, "eval.every_steps": 10,
+               "eval.num_batches": 2}
 COMPARED = ("mlm_loss", "rtd_loss", "generator_grad_norm", "discriminator_grad_norm")
+EVAL_COMPARED = ("eval_mlm_loss", "eval_mlm_accuracy", "eval_rtd_loss", "eval_rtd_accuracy",
+                 "eval_rtd_auc")
 
 
 def tiny_config(cache_dir, **overrides):
+  """The chain's settings in-process, without the evaluation (these tests look at steps)."""
   c = tiny.get_config()
   c.data.cache_dir = cache_dir
-  return apply_overrides(c, {**CHAIN_FLAGS, **overrides})
+  return apply_overrides(c, {**CHAIN_FLAGS, "eval.every_steps": 0, **overrides})
 
 
 def _env(devices: int = 1) -> dict:
@@ -129,11 +134,17 @@ def test_killed_and_preempted_runs_continue_the_same_trajectory(uninterrupted, c
                          timeout=300)
   assert final.returncode == 0, final.stderr[-2000:]
   resumed = _by_step(workdir)
-  assert set(resumed) == set(uninterrupted) == set(range(1, STEPS + 1))
+  assert set(resumed) == set(uninterrupted) == set(range(0, STEPS + 1))
   for step in range(1, STEPS + 1):
     for key in COMPARED:
       np.testing.assert_allclose(resumed[step][key], uninterrupted[step][key], rtol=1e-6,
                                  err_msg=f"{key} at step {step}")
+  for step in range(0, STEPS + 1, 10):
+    for key in EVAL_COMPARED:
+      np.testing.assert_allclose(resumed[step][key], uninterrupted[step][key], rtol=1e-6,
+                                 err_msg=f"{key} at step {step}")
+  print("eval at step 30 (uninterrupted / killed 3 times): " + ", ".join(
+      f"{k}={uninterrupted[STEPS][k]:.6f}/{resumed[STEPS][k]:.6f}" for k in EVAL_COMPARED))
   # Temporary (preemption) checkpoints do not outlive a newer one: only permanent ones remain.
   kept = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert all(s % 5 == 0 for s in kept), kept

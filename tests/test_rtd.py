@@ -20,8 +20,11 @@ TOKENS = ts.SpecialTokens(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=2000)
 
 
 def _config(sharing="gdes", **overrides):
+  """configs/tiny.py at seq 32 x 8, with dropout on (tiny trains without) so that the tests
+  here cover the dropout paths."""
   c = tiny.get_config()
   c.model.embedding_sharing = sharing
+  c.model.hidden_dropout = c.model.attention_dropout = 0.1
   c.seq_len = 32
   c.global_batch_size = 8
   return apply_overrides(c, overrides)

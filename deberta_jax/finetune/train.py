@@ -433,9 +433,13 @@ def train_epoch(train_fn, state, step: int, epoch: int, train, batches, config, 
       record["examples_per_second"] = (config.batch_size * (step - timed_from) /
                                        (time.time() - timer))
     log.write(record)
-    logging.info("step %d/%d epoch %d loss=%.4f%s lr=%.3g", step, total_steps, epoch,
+    eta = ""
+    if "examples_per_second" in record:
+      seconds = (total_steps - step) * config.batch_size / record["examples_per_second"]
+      eta = f" eta {int(seconds // 60)}m{int(seconds % 60):02d}s (training; dev evaluations extra)"
+    logging.info("step %d/%d epoch %d loss=%.4f%s lr=%.3g%s", step, total_steps, epoch,
                  record["loss"], f" acc={record['accuracy']:.3f}" if "accuracy" in record
-                 else "", record["learning_rate"])
+                 else "", record["learning_rate"], eta)
     sums, count = None, 0
     timer, timed_from = time.time(), step
   return state, step
