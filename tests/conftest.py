@@ -42,6 +42,7 @@ LONGEST_FIRST = ("test_train.py",            # ~410 s
                  "test_sharding.py",         # ~260
                  "test_rtd.py",              # ~210
                  "test_hf_parity.py",        # ~100
+                 "test_init_from.py",        # ~80
                  "test_layers.py",           # ~100
                  "test_bench.py",            # ~65
                  "test_finetune.py",         # ~50

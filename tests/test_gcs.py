@@ -180,6 +180,7 @@ def test_training_with_workdir_data_and_compilation_cache_on_gcs(gcs_dir, local_
   log = train(3)
   assert "Resumed from step 2" in log
   metrics = [json.loads(l) for l in fs.cat_file(f"{workdir}/metrics.jsonl").decode().splitlines()]
-  assert [m["step"] for m in metrics] == [1, 2, 3]
+  assert [m["step"] for m in metrics] == [0, 1, 2, 3]  # 0: the held-out evaluation
+  assert "eval_mlm_loss" in metrics[0] and "eval_mlm_loss" in metrics[-1]
   assert json.loads(fs.cat_file(f"{workdir}/checkpoints/2/meta/metadata"))["data"][
       "dataset_fingerprint"] == shards.read_manifest(f"{gcs_dir}/prepared")["fingerprint"]

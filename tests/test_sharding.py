@@ -30,6 +30,7 @@ RTOL = {"mlm_loss": 1e-5, "generator_grad_norm": 1e-5, "rtd_loss": 1e-3,
 
 def _config(cache_dir, num_devices, mesh, **extra):
   overrides = {"num_train_steps": 5, "optim.warmup_steps": 2, "log.every_steps": 1, "ckpt.every_steps": 5,
+               "global_batch_size": 16,
                "ckpt.async_save": False, "mesh.num_devices": num_devices,
                **{f"mesh.{k}": v for k, v in mesh.items()}, **extra}
   return tiny_config(cache_dir, **overrides)
