@@ -252,27 +252,7 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict]:
   config = config_from_hf(hf_config)
   state = _normalise_keys(_read_state(path))
   config = config.replace(position_table="embeddings.position_embeddings.weight" in state)
-
-  names = _name_map(config.num_layers)
-  heads = []
-  if "mask_predictions.dense.weight" in state:
-    heads.append("mask_predictions")
-  if "lm_predictions.lm_head.dense.weight" in state:
-    heads.append("lm_head")
-  elif "cls.predictions.transform.dense.weight" in state:
-    heads.append("legacy_lm_head")
-  for head in heads:
-    names += _head_map(head)
-
-  flat = {}
-  for torch_key, ours, kind in _present(names, lambda t, o: t in state,
-                                        lambda t, o: f"{path}: weight {t!r} is missing"):
-    value = state[torch_key]
-    if kind == "linear":
-      value = value.T
-    elif kind in ("table", "vector"):
-      value = _pad_rows(value, config.padded_vocab_size)
-    flat[tuple(ours.split("/"))] = np.ascontiguousarray(value, np.float32)
+  flat, _, _ = network_from_state(state, config.num_layers, config.padded_vocab_size, path)
   _check_shapes(flat, config, path)
   return config, traverse_util.unflatten_dict(flat)
 

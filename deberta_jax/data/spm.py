@@ -190,8 +190,8 @@ def train_spm(text_iter: Iterable[str], vocab_size: int, model_prefix: str, *,
   Settings follow the user reproduction of the official model (DeBERTa issue #127): unigram,
   pad/bos/eos/unk ids 0/1/2/3 with pieces [PAD] [CLS] [SEP] [UNK], no lower-casing. There is no
   punctuation pre-splitting (the reference tokenizer's split_by_punct is off). Each line of each
-  text is one training sentence. spm keeps every sentence it is handed in memory, so a 500 MB
-  corpus took 8 GB; here `max_sentences` lines are sampled uniformly over the whole input
+  text is one training sentence. spm keeps every sentence it is handed in memory (about 16x the
+  text), so here `max_sentences` lines are sampled uniformly over the whole input
   (`sample_lines`) and only they reach spm, so memory stays flat in corpus size.
   `character_coverage` 0.9995 (spm's recommendation for large character sets) keeps rare symbols
   from crowding out pieces; the reproduction used 1.0.

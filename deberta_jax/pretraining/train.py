@@ -92,8 +92,9 @@ def make_evaluator(model, config, tokens, pipeline, state_shardings, batch_shard
 
 
 def check_hosts_read_one_dataset(fingerprint: str) -> None:
-  """Every process must read the same rows: with one host's corpus one chunk longer, a quarter of
-  the chunks were read twice and others never. Refused before step 1, naming each fingerprint."""
+  """Every process must index the same rows: if one host's dataset differs by a single row, the
+  global permutations differ and some rows are read by two hosts, others by none. Refused before
+  step 1, naming each process's fingerprint."""
   seen = distributed.values_per_process(fingerprint)
   if len(set(seen)) > 1:
     listing = ", ".join(f"process {i}: {f}" for i, f in enumerate(seen))
