@@ -46,9 +46,9 @@ def main() -> None:
             "count": 0.0, "max_logit_gap": 0.0}
     size = pipeline_lib.eval_batch_size(config)
     for i in range(args.batches):
-      batch = pipeline.holdout_batch(i, size)
+      batch = evaluation.held_out_batch(pipeline, i, size)
       masked, logits, _, _ = evaluation.corrupt(model, config, tokens, params, batch,
-                                                evaluation.eval_key(config.seed, i))
+                                                evaluation.eval_key(config.seed))
       ours = np.asarray(logits).reshape(logits.shape[0], logits.shape[1], -1)[..., :tok.mask_id]
       with torch.no_grad():
         full = torch_model(torch.tensor(np.asarray(masked.input_ids)),

@@ -66,7 +66,7 @@ def bench_jax(config, batches, steps: int, warmup: int, repeats: int = 1,
 
   mesh = sharding.make_mesh(config)
   num_micro = train.microbatches(config, mesh)
-  model = RTDModel(config)
+  model = RTDModel.from_config(config)
   optimizers = ts.make_optimizers(config)
   t0 = time.perf_counter()
   state, state_shardings = train.create_state(model, optimizers, config, mesh)

@@ -98,6 +98,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.part_mb = 64.0                  # text per prepared shard (the unit of parallel work)
   c.data.read_threads = 16               # threads reading rows ahead of the step
   c.data.prefetch_batches = 16           # batches read ahead (>= read_threads, or threads idle)
+  # The training order shuffles blocks of this many consecutive rows of a shard, then the rows of
+  # `shuffle_window_blocks` blocks at a time: the rows a batch takes from one block come in one
+  # request (one ranged GET on gs://: 64 rows = 128 KiB of int32 at seq 512) instead of one each,
+  # at the price of neighbours in the order sharing a block (docs/data.md measures both).
+  # 1 = today's per-row shuffle (and one request per row). A checkpoint keeps its run's values.
+  c.data.read_block_rows = 64
+  c.data.shuffle_window_blocks = 16
+  # A gs:// cache prepared by several processes together: how long a process that finished its
+  # share waits for the others' shards (and the manifest) before it stops, naming what is missing.
+  c.data.prepare_wait_minutes = 60.0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0               # 0 = every device; N = the first N (tests, debugging)
@@ -133,7 +143,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 5000              # 0 = no evaluation and no held-out rows
   c.eval.num_batches = 10                # batches per evaluation
   c.eval.batch_size = 0                  # sequences per evaluation batch (0 = global_batch_size)
-  c.eval.holdout_fraction = 0.001        # of the dataset's rows (at least what the batches read)
+  # Whole shards (parts of the corpus) are held out, never rows of a trained-on shard: at least
+  # one, until this fraction of the dataset's rows; evaluation batches wrap around them.
+  c.eval.holdout_fraction = 0.001
+  # A warning when the discriminator's features collapse: the effective rank of its mean-pooled
+  # last layer below this (collapsed tiny runs measured 1.5-2.4, their random init 42-47;
+  # 0 = no warning).
+  c.eval.min_effective_rank = 5.0
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 10_000            # permanent checkpoints every N steps (and the last step)

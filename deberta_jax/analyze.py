@@ -3,6 +3,8 @@
   python -m deberta_jax.analyze embeddings --workdir=DIR [--step=N] [--sample_fraction=0.1]
       [--seed=0]
 
+DIR may be local or gs:// (workdir.load reads both).
+
 `embeddings` computes the paper's Table 1 metric: the average cosine similarity over every pair of
 a random sample (10%) of the vocabulary's word pieces, for
 

@@ -126,11 +126,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = off)")
   _require(config.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
   _require(config.eval.batch_size >= 0, "eval.batch_size", "must be >= 0 (0 = global batch)")
+  _require(config.eval.min_effective_rank >= 0, "eval.min_effective_rank",
+           "must be >= 0 (0 = no warning)")
   _require(0 <= config.eval.holdout_fraction < 0.5, "eval.holdout_fraction",
            "must be in [0, 0.5)")
   _require(config.data.part_mb > 0, "data.part_mb", "must be > 0")
   _require(config.data.read_threads >= 1, "data.read_threads", "must be >= 1")
   _require(config.data.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
+  _require(config.data.get("read_block_rows", 64) >= 1, "data.read_block_rows",
+           "must be >= 1 (1 = one request per row)")
+  _require(config.data.get("shuffle_window_blocks", 16) >= 1, "data.shuffle_window_blocks",
+           "must be >= 1")
+  _require(config.data.get("prepare_wait_minutes", 60.0) > 0, "data.prepare_wait_minutes",
+           "must be > 0")
   _require(config.ckpt.every_steps > 0, "ckpt.every_steps", "must be positive")
   _require(config.ckpt.keep > 0, "ckpt.keep", "must be positive")
   _require(config.ckpt.every_minutes >= 0, "ckpt.every_minutes", "must be >= 0 (0 = off)")
@@ -156,6 +164,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     generator_config(config.model)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
+
+
+def check_eval_batch(config: ml_collections.ConfigDict, data_parallel: int,
+                     process_count: int) -> None:
+  """The held-out batch is split like a training batch: into equal shares per data-parallel
+  device and per process. Checked once the mesh is known and before anything compiles, since a
+  misfit batch would otherwise fail after the step's compilation or drop held-out rows."""
+  if not int(config.eval.every_steps):
+    return
+  size = int(config.eval.batch_size) or int(config.global_batch_size)
+  given = "" if int(config.eval.batch_size) else " (0: the global batch)"
+  for parts, what in ((data_parallel, "data-parallel devices (mesh.data * mesh.fsdp)"),
+                      (process_count, "processes")):
+    _require(size % parts == 0, "eval.batch_size",
+             f"{size}{given} is not divisible by the {parts} {what}")
 
 
 def warnings(config: ml_collections.ConfigDict) -> list[str]:

@@ -9,14 +9,21 @@ generator and backbone all go through the same two functions.
 
 Linear kernels are stored transposed in torch ([out, in]); the vocabulary rows that pad the
 embedding to a shardable size exist only on our side and are stripped on save, re-added on load.
+A checkpoint is never cut to fit the network it is loaded into: depth, width and vocabulary are
+read from its tensors (`architecture_of`; heads from its config.json) and a mismatch is a
+CheckpointError. Paths may be local or gs:// (read through `data.storage`; directories written
+locally, then uploaded).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
 import shutil
+import tempfile
 from typing import Any, Mapping, Sequence
 
 from flax import traverse_util
@@ -25,6 +32,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 from safetensors.numpy import save_file
 
+from deberta_jax.data import storage
 from deberta_jax.errors import BadInput
 from deberta_jax.models import classifier
 from deberta_jax.models.config import ModelConfig
@@ -32,6 +40,7 @@ from deberta_jax.models.config import ModelConfig
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "pytorch_model.bin"
+GENERATOR_FILE = "pytorch_model.generator.bin"  # a release's generator, beside its TORCH_FILE
 SPM_FILE = "spm.model"
 
 # (torch module path, our module path) for modules with weight/bias; `{i}` is a layer index.
@@ -54,6 +63,7 @@ _TABLES = [
     ("embeddings.position_embeddings.weight", "embeddings/position_embeddings"),
     ("encoder.rel_embeddings.weight", "encoder/rel_embeddings"),
 ]
+_LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.")
 _HEADS = {
     "lm_head": ("lm_predictions.lm_head", [("dense", "dense")], [("LayerNorm", "LayerNorm")]),
     "legacy_lm_head": ("cls.predictions", [("transform.dense", "dense")],
@@ -198,26 +208,147 @@ def _head_map(head: str) -> list[tuple[str, str, str]]:
 
 # ----------------------------------------------------------------------------------------- reading
 
-def _read_state(path: str) -> dict[str, np.ndarray]:
-  st = os.path.join(path, SAFETENSORS_FILE)
-  pt = os.path.join(path, TORCH_FILE)
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """The tensors of one weights file (keys as stored), the file they came from, and the
+  config.json that describes that file, if there is one."""
+
+  state: dict[str, np.ndarray]
+  file: str
+  hf_config: dict | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """What a checkpoint is: its depth, width and vocabulary rows from its tensors, its attention
+  heads from its config.json (tensors do not show how the width is split into heads)."""
+
+  num_layers: int
+  hidden_size: int
+  vocab_rows: int
+  num_heads: int | None
+
+
+def _weights_file(directory: str, generator: bool) -> str:
+  """The weights file of a directory: for a generator the release's pytorch_model.generator.bin
+  when there is one (the directory's pytorch_model.bin is then the discriminator), else
+  model.safetensors, else pytorch_model.bin."""
+  names = ([GENERATOR_FILE] if generator else []) + [SAFETENSORS_FILE, TORCH_FILE]
+  for name in names:
+    file = storage.join(directory, name)
+    if storage.isfile(file):
+      return file
+  raise CheckpointError(f"{directory}: neither {SAFETENSORS_FILE} nor {TORCH_FILE} found")
+
+
+def _read_json(path: str) -> dict:
   try:
-    if os.path.exists(st):
-      with safe_open(st, framework="flax") as f:
+    value = json.loads(storage.read_bytes(path))
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: {e}") from e
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{path} is not a JSON object")
+  return value
+
+
+@contextlib.contextmanager
+def _local_copy(file: str):
+  """A local path holding `file`: the file itself, or a download of an object-store URL
+  (safetensors and torch read local files; the copy is streamed, never held in memory)."""
+  if not storage.is_remote(file):
+    yield file
+    return
+  with tempfile.TemporaryDirectory(prefix="deberta-hf-") as tmp:
+    local = os.path.join(tmp, os.path.basename(file))
+    with storage.open_read(file) as src, open(local, "wb") as dst:
+      shutil.copyfileobj(src, dst, 1 << 22)
+    yield local
+
+
+def _tensors(file: str) -> dict[str, np.ndarray]:
+  """The float32 tensors of one .safetensors or torch state-dict file."""
+  if file.endswith(".safetensors"):
+    try:
+      with _local_copy(file) as local, safe_open(local, framework="flax") as f:
         return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
-    if os.path.exists(pt):
-      try:
-        import torch  # pylint: disable=import-outside-toplevel  # optional: only for .bin files
-      except ImportError as e:
-        raise CheckpointError(
-            f"{pt}: reading pytorch_model.bin needs torch; convert it to model.safetensors") from e
-      state = torch.load(pt, map_location="cpu", weights_only=True)
-      return {k: v.float().numpy() for k, v in state.items()}
-  except CheckpointError:
-    raise
-  except Exception as e:  # corrupt or truncated file: name it
-    raise CheckpointError(f"cannot read the weights in {path}: {type(e).__name__}: {e}") from e
-  raise CheckpointError(f"{path}: neither {SAFETENSORS_FILE} nor {TORCH_FILE} found")
+    except Exception as e:  # a corrupt or truncated file: name it
+      raise CheckpointError(f"cannot read the weights in {file}: {type(e).__name__}: {e}") from e
+  try:
+    import torch  # pylint: disable=import-outside-toplevel  # optional: only for .bin files
+  except ImportError as e:
+    raise CheckpointError(
+        f"{file}: reading a torch state dict needs torch; convert it to model.safetensors") from e
+  try:
+    with _local_copy(file) as local:
+      state = torch.load(local, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+  except Exception as e:  # a corrupt file or not a state dict: name it
+    raise CheckpointError(f"cannot read the weights in {file}: {type(e).__name__}: {e}") from e
+
+
+def read_checkpoint(path: str, generator: bool = False) -> Checkpoint:
+  """The tensors of a HF directory or of one state-dict file, local or gs://.
+
+  A directory gives its weights file (`_weights_file`; `generator` prefers the release's
+  pytorch_model.generator.bin). config.json describes the directory's main weights
+  (model.safetensors / pytorch_model.bin) only: in a release it is the discriminator's, so it is
+  not attached to pytorch_model.generator.bin.
+  """
+  if storage.isdir(path):
+    file = _weights_file(path, generator)
+  elif storage.isfile(path):
+    file = path
+  else:
+    raise CheckpointError(f"{path}: no such file or directory")
+  directory, name = os.path.split(file)
+  config_path = storage.join(directory, CONFIG_FILE)
+  hf_config = None
+  if name in (SAFETENSORS_FILE, TORCH_FILE) and storage.isfile(config_path):
+    hf_config = _read_json(config_path)
+  return Checkpoint(_tensors(file), file, hf_config)
+
+
+def read_state(path: str) -> dict[str, np.ndarray]:
+  """The float32 tensors of a checkpoint: a HF directory (model.safetensors or
+  pytorch_model.bin) or a single state-dict file (.safetensors, or a torch .bin such as the
+  official release's `pytorch_model.bin` / `pytorch_model.generator.bin`), keys as stored."""
+  return read_checkpoint(path).state
+
+
+def _layer_count(state: dict[str, np.ndarray]) -> int:
+  """Encoder layers of a state dict (normalised keys): one more than the highest index."""
+  indices = {int(m.group(1)) for m in map(_LAYER_KEY.match, state) if m}
+  return max(indices) + 1 if indices else 0
+
+
+def architecture_of(checkpoint: Checkpoint) -> Architecture:
+  """The checkpoint's depth, width and vocabulary from its tensors, and its heads from its
+  config.json; a config.json that contradicts the tensors is refused (the file beside it is
+  another model's)."""
+  state = _normalise_keys(checkpoint.state)
+  table = state.get("embeddings.word_embeddings.weight")
+  if table is None or table.ndim != 2:
+    raise CheckpointError(f"{checkpoint.file}: no embeddings.word_embeddings.weight (deberta.* "
+                          f"keys): not a DebertaV2 checkpoint")
+  found = Architecture(_layer_count(state), int(table.shape[1]), int(table.shape[0]), None)
+  hf_config = checkpoint.hf_config
+  if hf_config is None:
+    return found
+  said = {"layers": ("num_hidden_layers", found.num_layers),
+          "hidden size": ("hidden_size", found.hidden_size),
+          "vocabulary rows": ("vocab_size", found.vocab_rows)}
+  def number(key):
+    try:
+      return None if hf_config.get(key) is None else int(hf_config[key])
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(f"{checkpoint.file}: its config.json has {key}={hf_config[key]!r}, "
+                            f"not a number") from e
+  for what, (key, value) in said.items():
+    if number(key) not in (None, value):
+      raise CheckpointError(
+          f"{checkpoint.file}: its config.json says {key}={hf_config[key]} but the weights have "
+          f"{value} {what}")
+  return dataclasses.replace(found, num_heads=number("num_attention_heads"))
 
 
 def _normalise_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -236,52 +367,26 @@ def _pad_rows(table: np.ndarray, rows: int) -> np.ndarray:
 
 
 def load_pretrained(path: str) -> tuple[ModelConfig, dict]:
-  """(ModelConfig, params) from a HF DebertaV2 directory; heads included when present.
+  """(ModelConfig, params) from a HF DebertaV2 directory (local or gs://); heads included when
+  present.
 
   The returned params apply directly to `DebertaEncoder` (the heads are ignored there), and to
-  `Discriminator` / `Generator` when the respective head was in the checkpoint.
+  `Discriminator` / `Generator` when the respective head was in the checkpoint. Weights that
+  config.json does not describe (more layers, another width or vocabulary) are refused, never
+  cut to fit.
   """
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_path):
+  config_path = storage.join(path, CONFIG_FILE)
+  if not storage.isfile(config_path):
     raise CheckpointError(f"{config_path} not found: not a Hugging Face model directory")
-  try:
-    with open(config_path) as f:
-      hf_config = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{config_path}: {e}") from e
-  config = config_from_hf(hf_config)
-  state = _normalise_keys(_read_state(path))
+  config = config_from_hf(_read_json(config_path))
+  checkpoint = read_checkpoint(path)
+  architecture_of(checkpoint)
+  state = _normalise_keys(checkpoint.state)
   config = config.replace(position_table="embeddings.position_embeddings.weight" in state)
-  flat, _, _ = network_from_state(state, config.num_layers, config.padded_vocab_size, path)
+  flat, _, _ = network_from_state(state, config.num_layers, config.padded_vocab_size,
+                                  checkpoint.file)
   _check_shapes(flat, config, path)
   return config, traverse_util.unflatten_dict(flat)
-
-
-def read_state(path: str) -> dict[str, np.ndarray]:
-  """The float32 tensors of a checkpoint: a HF directory (model.safetensors or
-  pytorch_model.bin) or a single state-dict file (.safetensors, or a torch .bin such as the
-  official release's `pytorch_model.bin` / `pytorch_model.generator.bin`), keys as stored."""
-  if os.path.isdir(path):
-    return _read_state(path)
-  if not os.path.isfile(path):
-    raise CheckpointError(f"{path}: no such file or directory")
-  directory, name = os.path.split(path)
-  if name.endswith(".safetensors"):
-    try:
-      with safe_open(path, framework="flax") as f:
-        return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
-    except Exception as e:  # a corrupt file: name it
-      raise CheckpointError(f"cannot read the weights in {path}: {type(e).__name__}: {e}") from e
-  try:
-    import torch  # pylint: disable=import-outside-toplevel  # optional: only for .bin files
-  except ImportError as e:
-    raise CheckpointError(f"{path}: reading a torch state dict needs torch") from e
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
-  except Exception as e:  # a corrupt file or not a state dict: name it
-    raise CheckpointError(f"cannot read the weights in {path} ({directory}): "
-                          f"{type(e).__name__}: {e}") from e
 
 
 def network_from_state(state: dict[str, np.ndarray], num_layers: int, padded_vocab_size: int,
@@ -290,7 +395,8 @@ def network_from_state(state: dict[str, np.ndarray], num_layers: int, padded_voc
   heads it has: (flat params, head names found, rows of its word embedding).
 
   The backbone must be complete (CheckpointError naming the first missing tensor); the EMD's
-  absolute position table and the heads may be absent.
+  absolute position table and the heads may be absent. A state with another number of encoder
+  layers is refused: loading the first `num_layers` of a deeper network would look like success.
   """
   state = _normalise_keys(state)
   if "embeddings.word_embeddings.weight" not in state:
@@ -300,6 +406,10 @@ def network_from_state(state: dict[str, np.ndarray], num_layers: int, padded_voc
   if rows > padded_vocab_size:
     raise CheckpointError(f"{path}: embeddings.word_embeddings.weight has {rows} rows, more than "
                           f"this model's {padded_vocab_size}")
+  layers = _layer_count(state)
+  if layers != num_layers:
+    raise CheckpointError(f"{path}: has {layers} encoder layers, the model being loaded has "
+                          f"{num_layers}")
   names = _name_map(num_layers)
   heads = []
   if "mask_predictions.dense.weight" in state:
@@ -345,16 +455,39 @@ def _check_shapes(flat, config: ModelConfig, path: str):
 
 # ----------------------------------------------------------------------------------------- writing
 
+@contextlib.contextmanager
+def _staged(path: str):
+  """A local directory to write a model directory into: `path` itself, or, for an object-store
+  URL, a temporary directory whose files are uploaded once all are written (config.json last, so
+  a reader that finds config.json finds the weights beside it). A write that fails uploads
+  nothing."""
+  if not storage.is_remote(path):
+    os.makedirs(path, exist_ok=True)
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix="deberta-hf-") as tmp:
+    yield tmp
+    for name in sorted(os.listdir(tmp), key=lambda n: (n == CONFIG_FILE, n)):
+      storage.put_file(os.path.join(tmp, name), storage.join(path, name))
+
+
 def save_pretrained(path: str, model_config: ModelConfig, params: Mapping[str, Any],
                     spm_model: str | None = None, mask_token_id: int | None = None) -> None:
-  """Writes `params` as a HF DebertaV2 directory (config.json, model.safetensors[, spm.model]).
+  """Writes `params` as a HF DebertaV2 directory (config.json, model.safetensors[, spm.model]),
+  local or gs://.
 
   A tree with `lm_head` is written as DebertaV2ForMaskedLM (non-legacy head, the official key
   layout); one with `mask_predictions` keeps the RTD head under the official key names, which
   transformers ignores when it builds a backbone. Tokenizer files are added when `spm_model`
-  names a SentencePiece model.
+  names a SentencePiece model (local or gs://).
   """
+  with _staged(path) as local:
+    _write_pretrained(local, model_config, params, spm_model, mask_token_id)
 
+
+def _write_pretrained(path: str, model_config: ModelConfig, params: Mapping[str, Any],
+                      spm_model: str | None, mask_token_id: int | None) -> None:
+  """`save_pretrained` into an existing local directory."""
   params = {k: v for k, v in params.items()}
   flat = {"/".join(k): np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(params).items()}
@@ -377,7 +510,6 @@ def save_pretrained(path: str, model_config: ModelConfig, params: Mapping[str, A
     prefix = "" if torch_key.startswith(("lm_predictions.", "mask_predictions.")) else "deberta."
     state[prefix + torch_key] = np.ascontiguousarray(value)
 
-  os.makedirs(path, exist_ok=True)
   tmp = os.path.join(path, SAFETENSORS_FILE + ".tmp")
   save_file(state, tmp, metadata={"format": "pt"})
   os.replace(tmp, os.path.join(path, SAFETENSORS_FILE))
@@ -389,7 +521,8 @@ def save_pretrained(path: str, model_config: ModelConfig, params: Mapping[str, A
 
 def _write_tokenizer(path: str, spm_model: str, mask_token_id: int | None) -> None:
   """spm.model plus the files DebertaV2Tokenizer reads; [MASK] is an added token after the pieces."""
-  shutil.copyfile(spm_model, os.path.join(path, SPM_FILE))
+  with storage.open_read(spm_model) as src, open(os.path.join(path, SPM_FILE), "wb") as dst:
+    shutil.copyfileobj(src, dst)
   tokenizer_config = {
       "tokenizer_class": "DebertaV2Tokenizer",
       "vocab_type": "spm",
@@ -412,34 +545,37 @@ def save_sequence_classifier(path: str, model_config: ModelConfig, params: Mappi
                     num_labels: int, label_names: Sequence[str] | None = None,
                     spm_model: str | None = None, mask_token_id: int | None = None,
                     cls_dropout: float | None = None) -> None:
-  """A HF DebertaV2ForSequenceClassification directory of a fine-tuned classifier tree.
+  """A HF DebertaV2ForSequenceClassification directory of a fine-tuned classifier tree, local or
+  gs://.
 
-  The backbone goes through `save_pretrained`; the pooler and classifier are added
+  The backbone is written as by `save_pretrained`; the pooler and classifier are added
   under their HF keys (`pooler.dense.*`, `classifier.*`, torch's [out, in] kernels) and
   config.json gets the architecture, `num_labels`/`id2label` and `cls_dropout`.
   """
 
   backbone = {k: params[k] for k in classifier.BACKBONE_KEYS}
-  save_pretrained(path, model_config, backbone, spm_model, mask_token_id)
-  weights = os.path.join(path, SAFETENSORS_FILE)
-  state = load_file(weights)
-  for torch_name, module in (("pooler.dense", params["pooler"]["dense"]),
-                             ("classifier", params["classifier"])):
-    state[f"{torch_name}.weight"] = np.ascontiguousarray(np.asarray(module["kernel"], np.float32).T)
-    state[f"{torch_name}.bias"] = np.ascontiguousarray(np.asarray(module["bias"], np.float32))
-  save_file(state, weights + ".tmp", metadata={"format": "pt"})
-  os.replace(weights + ".tmp", weights)
-  config_path = os.path.join(path, CONFIG_FILE)
-  with open(config_path) as f:
-    config = json.load(f)
-  names = list(label_names) if label_names else [f"LABEL_{i}" for i in range(num_labels)]
-  config["architectures"] = ["DebertaV2ForSequenceClassification"]
-  config["num_labels"] = num_labels
-  config["id2label"] = {str(i): n for i, n in enumerate(names)}
-  config["label2id"] = {n: i for i, n in enumerate(names)}
-  if num_labels == 1:
-    config["problem_type"] = "regression"
-  if cls_dropout is not None:
-    config["cls_dropout"] = cls_dropout
-  with open(config_path, "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  with _staged(path) as local:
+    _write_pretrained(local, model_config, backbone, spm_model, mask_token_id)
+    weights = os.path.join(local, SAFETENSORS_FILE)
+    state = load_file(weights)
+    for torch_name, module in (("pooler.dense", params["pooler"]["dense"]),
+                               ("classifier", params["classifier"])):
+      state[f"{torch_name}.weight"] = np.ascontiguousarray(
+          np.asarray(module["kernel"], np.float32).T)
+      state[f"{torch_name}.bias"] = np.ascontiguousarray(np.asarray(module["bias"], np.float32))
+    save_file(state, weights + ".tmp", metadata={"format": "pt"})
+    os.replace(weights + ".tmp", weights)
+    config_path = os.path.join(local, CONFIG_FILE)
+    with open(config_path) as f:
+      config = json.load(f)
+    names = list(label_names) if label_names else [f"LABEL_{i}" for i in range(num_labels)]
+    config["architectures"] = ["DebertaV2ForSequenceClassification"]
+    config["num_labels"] = num_labels
+    config["id2label"] = {str(i): n for i, n in enumerate(names)}
+    config["label2id"] = {n: i for i, n in enumerate(names)}
+    if num_labels == 1:
+      config["problem_type"] = "regression"
+    if cls_dropout is not None:
+      config["cls_dropout"] = cls_dropout
+    with open(config_path, "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)

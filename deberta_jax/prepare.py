@@ -12,9 +12,15 @@ machine; `--shard_index=I --num_shards=K` gives machine I its share of the parts
 (e.g. the workers of a TPU slice, WORKSPACE.md) prepare one dataset together. Rerunning the same
 command skips finished shards; the last machine to finish writes DIR/manifest.json.
 
-  python -m deberta_jax.prepare verify --out=DIR     reads every shard and checks its sha256
+  python -m deberta_jax.prepare verify --out=DIR     checks DIR/spm.model against the manifest
+                                                     and reads every shard to check its sha256
 
-Exit codes: 0 done (or this machine's share done), 2 bad input (one line names it).
+A worker process that dies (e.g. the out-of-memory killer) has its part retried once, then the
+run stops naming the part. SIGTERM stops the workers, deletes unfinished shards and exits with
+code 4; finished shards are kept, so rerunning the command resumes.
+
+Exit codes: 0 done (or this machine's share done), 2 bad input (one line names it), 4 stopped by
+SIGTERM (rerun to resume).
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ def _prepare() -> str:
 
 def _verify() -> str:
   manifest = shards.read_manifest(_OUT.value)
+  shards.check_tokenizer(_OUT.value, manifest)
   shards.check_shard_sizes(_OUT.value, manifest)
   shards.verify_checksums(_OUT.value, manifest)
   return json.dumps({"out": _OUT.value, "verified": True, "fingerprint": manifest["fingerprint"],

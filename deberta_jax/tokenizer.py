@@ -19,6 +19,7 @@ from __future__ import annotations
 from absl import flags
 import ml_collections
 
+from deberta_jax import caches
 from deberta_jax import cli
 from deberta_jax.data import corpus as corpus_lib
 from deberta_jax.data import spm as tokenizer_lib
@@ -54,7 +55,7 @@ def _train() -> str:
     raise cli.app.UsageError("--model_prefix is required.")
   if _EMBEDDED.value:
     cfg = ml_collections.ConfigDict({"data": {"cache_dir": _CACHE.value}})
-    name, data_dir = corpus_lib.prepare_embedded_corpus(corpus_lib.resolve_cache_dir(cfg),
+    name, data_dir = corpus_lib.prepare_embedded_corpus(caches.directory(cfg),
                                                         _MAX_BYTES.value)
     corpus = corpus_lib.tfds_corpus(name, "train", data_dir, "text", label=f"embedded:{name}")
   elif _INPUT.value:

@@ -19,9 +19,10 @@ import ml_collections
 
 from deberta_jax import config as config_lib
 from deberta_jax import errors
+from deberta_jax.data import storage
 from deberta_jax.models.rtd import RTDModel
 from deberta_jax.runtime import checkpointing
-from deberta_jax.runtime.paths import is_remote
+from deberta_jax.paths import is_remote
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -77,21 +78,20 @@ def write_run_files(config, workdir: str, tokenizer) -> None:
 
 
 def is_pretraining_workdir(path: str) -> bool:
-  """config.json with a 'model' section, and a checkpoints/ directory."""
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not (os.path.isfile(config_path) and os.path.isdir(os.path.join(path, CHECKPOINTS))):
-    return False
+  """config.json with a 'model' section, and a checkpoints/ directory (local or gs://)."""
+  config_path = storage.join(path, CONFIG_FILE)
   try:
-    with open(config_path) as f:
-      return "model" in json.load(f)
-  except (OSError, ValueError):
+    if not (storage.isfile(config_path) and storage.isdir(storage.join(path, CHECKPOINTS))):
+      return False
+    return "model" in json.loads(storage.read_bytes(config_path))
+  except (OSError, ValueError, TypeError):
     return False
 
 
 def spm_model(workdir: str) -> str | None:
-  """The run's SentencePiece model, if it has one."""
-  path = os.path.join(workdir, SPM_FILE)
-  return path if os.path.isfile(path) else None
+  """The run's SentencePiece model (a path or gs:// URL), if it has one."""
+  path = storage.join(workdir, SPM_FILE)
+  return path if storage.isfile(path) else None
 
 
 def load(workdir: str, step: int | None = None):
@@ -103,10 +103,10 @@ def load(workdir: str, step: int | None = None):
   if not is_pretraining_workdir(workdir):
     raise errors.WorkdirError(f"{workdir} is not a pre-training workdir (needs config.json with "
                               f"a 'model' section and checkpoints/)")
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(storage.read_bytes(storage.join(workdir,
+                                                                                CONFIG_FILE))))
   try:
     restored_step, params = checkpointing.load_params(workdir, step)
   except checkpointing.CheckpointError as e:
     raise errors.WorkdirError(str(e)) from e
-  return config, RTDModel(config), params, int(restored_step)
+  return config, RTDModel.from_config(config), params, int(restored_step)

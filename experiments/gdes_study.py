@@ -203,7 +203,7 @@ def _finetune(task: str, init, seed: int, out: str) -> dict:
 
 
 def _model_sizes(config) -> dict:
-  model = RTDModel(config)
+  model = RTDModel.from_config(config)
   shapes = meta.unbox(jax.eval_shape(lambda k: model.init(k, 8), jax.random.key(0)))
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
   return {"generator_params": count(shapes["generator"]),

@@ -41,11 +41,17 @@ LONGEST_FIRST = ("test_train.py",            # ~410 s
                  "test_flash_attention.py",  # ~280
                  "test_sharding.py",         # ~260
                  "test_rtd.py",              # ~210
+                 "test_run_outputs.py",      # ~150 (~80 with the corpus already prepared)
+                 "test_holdout.py",          # ~120
+                 "test_gcs_tools.py",        # ~105
                  "test_hf_parity.py",        # ~100
+                 "test_finetune_hosts.py",   # ~85
                  "test_init_from.py",        # ~80
                  "test_layers.py",           # ~100
+                 "test_gcs_faults.py",       # ~50
                  "test_bench.py",            # ~65
                  "test_finetune.py",         # ~50
+                 "test_prepare_faults.py",   # ~35
                  "test_vocab_blocks.py")     # ~25
 
 

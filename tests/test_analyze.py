@@ -108,7 +108,7 @@ def make_workdir(path, sharing="gdes", edit=None, step=7):
   with open(os.path.join(path, workdir_lib.CONFIG_FILE), "w") as f:
     f.write(config_lib.to_json(c))
   mesh = sharding.make_mesh(c)
-  model = RTDModel(c)
+  model = RTDModel.from_config(c)
   state, shardings = train.create_state(model, ts.make_optimizers(c), c, mesh)
   if edit is not None:
     params = edit(jax.tree.map(np.array, jax.device_get(state.params)))

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from deberta_jax import caches
 from deberta_jax.data import DataError
 from deberta_jax.data import corpus as corpus_lib
 from deberta_jax.data import preparation
@@ -270,10 +271,10 @@ def test_tfds_source_errors(tmp_path):
 def test_cache_dir_resolution(monkeypatch, tmp_path):
   cfg = data_config("")
   monkeypatch.setenv("DEBERTA_JAX_CACHE", str(tmp_path / "env"))
-  assert corpus_lib.resolve_cache_dir(cfg) == str(tmp_path / "env")
+  assert caches.directory(cfg) == str(tmp_path / "env")
   monkeypatch.delenv("DEBERTA_JAX_CACHE")
-  assert corpus_lib.resolve_cache_dir(cfg) == os.path.expanduser("~/.cache/deberta_jax")
-  assert corpus_lib.resolve_cache_dir(data_config(tmp_path)) == str(tmp_path)
+  assert caches.directory(cfg) == os.path.expanduser("~/.cache/deberta_jax")
+  assert caches.directory(data_config(tmp_path)) == str(tmp_path)
 
 
 # ------------------------------------------------------------------------------- prepare / shards

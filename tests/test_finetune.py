@@ -184,16 +184,19 @@ def _sentence(rng, label):
   return " ".join(words)
 
 
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory):
-  """SST-2-format files: label 1 iff the sentence holds 'good'/'great'."""
-  root = tmp_path_factory.mktemp("glue")
+def write_sst2(root, train: int, dev: int) -> str:
+  """SST-2-format files under `root`: label 1 iff the sentence holds 'good'/'great'."""
   rng = np.random.default_rng(0)
-  for name, n in (("train", 480), ("dev", 120)):
+  for name, n in (("train", train), ("dev", dev)):
     labels = rng.integers(0, 2, n)
     _write(str(root / "SST-2" / f"{name}.tsv"),
            [["sentence", "label"]] + [[_sentence(rng, y), str(y)] for y in labels])
   return str(root)
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+  return write_sst2(tmp_path_factory.mktemp("glue"), 480, 120)
 
 
 @pytest.fixture(scope="module")

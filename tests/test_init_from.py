@@ -49,7 +49,7 @@ def _random_state(shape, scale=0.02):
 def release(tmp_path_factory):
   """(directory, generator state, discriminator state) in the official release layout."""
   root = tmp_path_factory.mktemp("release")
-  model = RTDModel(tiny.get_config())
+  model = RTDModel.from_config(tiny.get_config())
   torch.manual_seed(0)
   gen_cfg = transformers.DebertaV2Config(
       **hf.config_to_hf(model.generator_config, "DebertaV2ForMaskedLM"))
@@ -115,7 +115,7 @@ def test_start_from_release_then_export_equals_the_release(cache_dir, tmp_path, 
 
   # Step-0 evaluation = transformers on the same replaced batches (the RTD loss over all
   # non-pad tokens of the held-out batches).
-  model = RTDModel(config)
+  model = RTDModel.from_config(config)
   pipeline = pipeline_lib.make_pipeline(config)
   tok = pipeline.tokenizer
   tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
@@ -123,9 +123,9 @@ def test_start_from_release_then_export_equals_the_release(cache_dir, tmp_path, 
   params, _ = init_from.initial_params(config, model, host)
   total, count = 0.0, 0.0
   for i in range(config.eval.num_batches):
-    batch = pipeline.holdout_batch(i, config.global_batch_size)
+    batch = evaluation.held_out_batch(pipeline, i, config.global_batch_size)
     _, _, replaced, is_replaced = evaluation.corrupt(
-        model, config, tokens, params, batch, evaluation.eval_key(config.seed, i))
+        model, config, tokens, params, batch, evaluation.eval_key(config.seed))
     s, n = _rtd_loss_torch(disc_cfg, disc_state, np.asarray(replaced), np.asarray(is_replaced),
                            batch["attention_mask"])
     total, count = total + s, count + n
@@ -136,12 +136,12 @@ def test_start_from_release_then_export_equals_the_release(cache_dir, tmp_path, 
 
 def test_wrong_vocabulary_and_shapes_are_named(cache_dir, tmp_path, release):
   root, gen_state, _, _ = release
-  model = RTDModel(_config(cache_dir))
+  model = RTDModel.from_config(_config(cache_dir))
   host = init_from.host_copy(meta.unbox(model.init(jax.random.key(0), 64)))
   other_vocab = _config(cache_dir, **{"model.vocab_size": 4096,
                                       "init.generator": str(root / "pytorch_model.generator.bin")})
   with pytest.raises(CheckpointError, match="2048 rows but config.model.vocab_size=4096"):
-    init_from.initial_params(other_vocab, RTDModel(other_vocab), host)
+    init_from.initial_params(other_vocab, RTDModel.from_config(other_vocab), host)
   wider = dict(gen_state)
   wider["deberta.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(512, 64)
   torch.save(wider, tmp_path / "wide.bin")

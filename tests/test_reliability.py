@@ -195,7 +195,7 @@ def test_preservation_keeps_newest_and_permanent_checkpoints():
 # ------------------------------------------------------------------------------ numerics
 
 def _state_and_batch(config):
-  model = RTDModel(config)
+  model = RTDModel.from_config(config)
   optimizers = ts.make_optimizers(config)
   state = jax.jit(lambda k: flax_meta.unbox(ts.init_state(model, optimizers, config, k)))(
       jax.random.key(0))

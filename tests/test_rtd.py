@@ -95,7 +95,7 @@ def test_sampling_never_draws_padded_vocabulary_rows():
 
 def _state(sharing):
   config = _config(sharing, **{"model.hidden_dropout": 0.0, "model.attention_dropout": 0.0})
-  model = RTDModel(config)
+  model = RTDModel.from_config(config)
   params = meta.unbox(model.init(jax.random.key(0), config.seq_len))
   return config, model, params
 
@@ -198,7 +198,7 @@ def test_mlm_gradient_never_reaches_the_discriminator(sharing):
 def test_gdes_discriminator_update_uses_the_updated_generator_embedding():
   """Two-stage: after one step E_D = E_G(new) + E_delta(new), and E_delta moved."""
   config = _config("gdes")
-  model = RTDModel(config)
+  model = RTDModel.from_config(config)
   optimizers = ts.make_optimizers(config)
   state = meta.unbox(ts.init_state(model, optimizers, config, jax.random.key(0)))
   step = jax.jit(ts.make_train_step(model, optimizers, config, TOKENS, 1))
@@ -224,7 +224,7 @@ def test_gradient_accumulation_equals_one_batch(sharing):
   dropout masks follow its global row, not its place in a micro-batch."""
   config = _config(sharing)
   assert config.model.hidden_dropout > 0 and config.model.attention_dropout > 0
-  model = RTDModel(config)
+  model = RTDModel.from_config(config)
   optimizers = ts.make_optimizers(config)
   state = meta.unbox(ts.init_state(model, optimizers, config, jax.random.key(0)))
   batch = _batch(pad_from=20)
@@ -241,7 +241,7 @@ def test_micro_batches_draw_different_dropout_masks():
   runs 4 micro-batches (micro-batch i = rows i, i+4): all eight outputs differ (each row has its
   own masks), and put back in order they are the one-batch output."""
   config = _config("nes")
-  model = RTDModel(config)
+  model = RTDModel.from_config(config)
   params = meta.unbox(model.init(jax.random.key(0), config.seq_len))
   batch = _batch()
   ids = np.repeat(batch["input_ids"][:1], 8, axis=0)
@@ -350,7 +350,8 @@ def test_source_fields_unset_values_are_the_config_defaults():
       assert data[field] == unset, field
   every = {f for fields in config_lib.SOURCE_FIELDS.values() for f in fields}
   shared = {"source", "spm_model", "spm_vocab_size", "spm_max_sentences", "cache_dir",
-            "part_mb", "read_threads", "prefetch_batches"}  # read by every source
+            "part_mb", "read_threads", "prefetch_batches",
+            "prepare_wait_minutes", "read_block_rows", "shuffle_window_blocks"}  # every source
   assert set(data.keys()) == every | shared
 
 
@@ -387,7 +388,7 @@ def test_shipped_configs_validate(name):
 
 def test_tiny_is_well_under_a_million_parameters():
   config = tiny.get_config()
-  params = meta.unbox(jax.eval_shape(lambda k: RTDModel(config).init(k, 8), jax.random.key(0)))
+  params = meta.unbox(jax.eval_shape(lambda k: RTDModel.from_config(config).init(k, 8), jax.random.key(0)))
   counts = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in params.items()}
   disc = counts["discriminator"] - sum(int(np.prod(x.shape)) for x in
                                        jax.tree.leaves(params["discriminator"][DELTA]))

@@ -70,7 +70,7 @@ def test_parameters_are_sharded_by_the_rules(cache_dir):
   from deberta_jax.pretraining import train_step as ts  # pylint: disable=g-import-not-at-top
   from deberta_jax.models.rtd import RTDModel  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config)
-  model = RTDModel(config)
+  model = RTDModel.from_config(config)
   shardings = train.state_shardings(model, ts.make_optimizers(config), config, mesh)
   gen = shardings.params["generator"]
   spec = lambda s: tuple(s.spec)

@@ -110,7 +110,7 @@ def test_training_step_never_copies_the_logits(platform):
   their transposes) touch them: no pad, gather or copy. The old code had 45 such arrays (pads,
   slices, the sampler's reshapes, the loss's gather)."""
   config = _config()
-  model = RTDModel(config)
+  model = RTDModel.from_config(config)
   optimizers = ts.make_optimizers(config)
   state = meta.unbox(ts.init_state(model, optimizers, config, jax.random.key(0)))
   step = ts.make_train_step(model, optimizers, config, TOKENS, 1)

@@ -37,7 +37,6 @@ _LAZY = {
     "embedded_documents": "corpus",
     "prepare_embedded_corpus": "corpus",
     "write_tfds_text_dataset": "corpus",
-    "resolve_cache_dir": "corpus",
     "Tokenizer": "spm",
     "train_spm": "spm",
     "check_vocab_size": "spm",

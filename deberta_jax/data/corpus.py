@@ -62,6 +62,7 @@ import warnings
 
 import tensorflow_datasets as tfds
 
+from deberta_jax import caches
 from deberta_jax.data import DataError
 from deberta_jax.data import storage
 
@@ -86,22 +87,6 @@ def cfg_get(section: Any, name: str, default: Any) -> Any:
   except (KeyError, AttributeError, TypeError):
     return default
   return default if value is None else value
-
-
-def resolve_cache_dir(config: Any) -> str:
-  """config.data.cache_dir, else $DEBERTA_JAX_CACHE, else ~/.cache/deberta_jax; a local path is
-  made absolute, a gs:// URL kept (hosts of a pod can then share one cache)."""
-  d = (cfg_get(config.data, "cache_dir", "") or os.environ.get("DEBERTA_JAX_CACHE")
-       or "~/.cache/deberta_jax")
-  return storage.absolute(d)
-
-
-def local_cache_dir(config: Any) -> str:
-  """The cache directory when it is local, else the default local one: what must be on local
-  disk (the embedded corpus's tfds files, which array_record reads with local file calls) goes
-  there even when config.data.cache_dir is a gs:// URL."""
-  d = resolve_cache_dir(config)
-  return d if not storage.is_remote(d) else storage.absolute("~/.cache/deberta_jax")
 
 
 def _hash(obj: Any) -> str:
@@ -617,7 +602,7 @@ def corpus_from_config(config: Any) -> Corpus:
   source = cfg_get(data, "source", "embedded")
   if source == "embedded":
     max_bytes = cfg_get(data, "embedded_max_bytes", DEFAULT_EMBEDDED_MAX_BYTES)
-    name, data_dir = prepare_embedded_corpus(local_cache_dir(config), max_bytes)
+    name, data_dir = prepare_embedded_corpus(caches.local_directory(config), max_bytes)
     return tfds_corpus(name, "train", data_dir, "text", label=f"embedded:{name}")
   if source == "text_files":
     return text_file_corpus(cfg_get(data, "text_files", ""),

@@ -3,7 +3,8 @@
   DIR/manifest.json                  written last, once every shard exists: what the loader reads
   DIR/spm.model                      the SentencePiece model the rows were tokenised with
   DIR/shard-00000-of-00042.npy       int32 (uint16 for vocabularies < 65536) [rows, seq_len]
-  DIR/shard-00000-of-00042.json      that shard's record: part, counts, bytes, sha256
+  DIR/shard-00000-of-00042.json      that shard's record: part, counts, bytes, sha256, and the
+                                     corpus, tokenizer, seq_len and id dtype it was made for
 
 Rows are packed like the official `prepare_data.py` (spec section 4): the non-blank lines of a
 part are tokenised and concatenated with no document boundaries, and cut into consecutive chunks
@@ -176,6 +177,45 @@ def read_manifest(directory: str) -> dict[str, Any]:
     raise DataError(f"{path}: its fingerprint does not match its content; the manifest was "
                     f"edited or damaged.")
   return manifest
+
+
+def tokenizer_fingerprint(proto: bytes) -> str:
+  """The fingerprint of an spm model file's bytes (what `Tokenizer.fingerprint` is)."""
+  return hashlib.sha256(proto).hexdigest()[:16]
+
+
+def shard_dtype(directory: str, record: dict[str, Any]) -> str | None:
+  """The id dtype in the `.npy` header of a record's shard (records written before they named
+  their dtype), or None when the shard is missing or unreadable."""
+  path = storage.join(directory, record.get("file", ""))
+  try:
+    header = storage.read_range(path, 0, int(record["header_bytes"]))
+    buf = io.BytesIO(header)
+    np.lib.format.read_magic(buf)
+    return str(np.lib.format.read_array_header_1_0(buf)[2])
+  except (DataError, OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def check_tokenizer(directory: str, manifest: dict[str, Any],
+                    fingerprint: str | None = None) -> None:
+  """The dataset's spm model is the one its rows were tokenised with (the manifest's
+  fingerprint): a model left by an earlier preparation attempt, or copied over, would make the
+  loader, the workdir's spm.model and everything exported from it decode ids into other pieces.
+  `fingerprint` is that of a model already loaded from the directory; else the file is read."""
+  name = manifest["tokenizer"]["file"]
+  path = storage.join(directory, name)
+  if fingerprint is None:
+    if not storage.isfile(path):
+      raise DataError(f"Prepared dataset {directory}: {name} is missing.")
+    fingerprint = tokenizer_fingerprint(storage.read_bytes(path))
+  expected = manifest["tokenizer"]["fingerprint"]
+  if fingerprint != expected:
+    raise DataError(f"Prepared dataset {directory}: {name} has fingerprint {fingerprint}, but "
+                    f"the rows were tokenised with the model of fingerprint {expected} "
+                    f"({MANIFEST}); it was replaced or is another preparation's. Rerunning "
+                    f"`python -m deberta_jax.prepare` with the dataset's flags writes the right "
+                    f"one.")
 
 
 def check_shard_sizes(directory: str, manifest: dict[str, Any]) -> None:

@@ -116,7 +116,15 @@ class Tokenizer:
     return (PAD_ID, CLS_ID, SEP_ID, UNK_ID, self.mask_id)
 
   def id_to_piece(self, i: int) -> str:
-    return MASK_PIECE if i == self.mask_id else self._sp.id_to_piece(int(i))
+    """The piece of id `i`; ids without one get a name instead of an error: the spare embedding
+    rows after [MASK] (up to config.model.vocab_size), which the generator may sample, are
+    [unused0], [unused1], ...; a negative id is [invalid-ID]."""
+    i = int(i)
+    if 0 <= i < self.num_pieces:
+      return self._sp.id_to_piece(i)
+    if i == self.mask_id:
+      return MASK_PIECE
+    return f"[unused{i - self.mask_id - 1}]" if i > self.mask_id else f"[invalid{i}]"
 
   def encode(self, text: str) -> np.ndarray:
     """Pieces of `text` as int32 ids, without [CLS]/[SEP] (packing adds those)."""

@@ -17,11 +17,12 @@ import threading
 import uuid
 from typing import Any, BinaryIO, Iterator
 
-from deberta_jax.runtime.paths import absolute, is_remote
+from deberta_jax.data import DataError
+from deberta_jax.paths import absolute, is_remote
 
 __all__ = ["absolute", "is_remote", "join", "exists", "isfile", "isdir", "glob", "listdir",
            "size", "fingerprint_of", "read_bytes", "write_bytes", "open_read", "put_file",
-           "makedirs", "remove", "RangeReader"]
+           "makedirs", "remove", "read_range", "RangeReader"]
 
 
 def _fs(path: str):
@@ -60,12 +61,14 @@ def glob(pattern: str) -> list[str]:
   return sorted(protocol + p for p in _fs(pattern).glob(pattern))
 
 
-def listdir(path: str) -> list[str]:
-  """Full paths of the entries of a directory (files and subdirectories), sorted."""
+def listdir(path: str, refresh: bool = False) -> list[str]:
+  """Full paths of the entries of a directory (files and subdirectories), sorted. gcsfs caches
+  listings per process: `refresh` asks the server again, for a directory that other processes
+  write to."""
   if not is_remote(path):
     return sorted(os.path.join(path, f) for f in os.listdir(path))
   protocol = _protocol(path)
-  return sorted(protocol + p for p in _fs(path).ls(path, detail=False))
+  return sorted(protocol + p for p in _fs(path).ls(path, detail=False, refresh=refresh))
 
 
 def size(path: str) -> int:
@@ -172,6 +175,30 @@ def iter_lines(path: str, start: int = 0, stop: int | None = None) -> Iterator[b
       yield line
 
 
+def _check_range(path: str, offset: int, length: int, data: Any) -> None:
+  where = f"{path} bytes [{offset}, {offset + length})"
+  if isinstance(data, BaseException):
+    raise DataError(f"Reading {where} failed: {type(data).__name__}: {data} (the file was "
+                    f"deleted, replaced or cannot be reached)") from data
+  if len(data) != length:
+    raise DataError(f"Reading {where} gave {len(data)} of {length} bytes: the file is "
+                    f"truncated or was replaced by a shorter one")
+
+
+def read_range(path: str, start: int, stop: int) -> bytes:
+  """Bytes [start, stop) of one file (a ranged GET remotely); DataError if fewer exist."""
+  if is_remote(path):
+    try:
+      data = _fs(path).cat_file(path, start=start, end=stop)
+    except (OSError, ValueError) as e:
+      data = e
+  else:
+    with open(path, "rb") as f:
+      data = os.pread(f.fileno(), stop - start, start)
+  _check_range(path, start, stop - start, data)
+  return data
+
+
 class RangeReader:
   """Reads byte ranges of a set of files from many threads at once.
 
@@ -186,6 +213,7 @@ class RangeReader:
     self._remote = bool(self.paths) and is_remote(self.paths[0])
     self._fds: dict[int, int] = {}
     self._lock = threading.Lock()
+    self.requests = 0  # ranges read so far (data_bench reports requests per row)
 
   def _fd(self, index: int) -> int:
     fd = self._fds.get(index)
@@ -200,18 +228,20 @@ class RangeReader:
     return fd
 
   def read(self, requests: list[tuple[int, int, int]]) -> list[bytes]:
-    """Bytes of each (file index, offset, length)."""
+    """Bytes of each (file index, offset, length); DataError names the file and byte range of a
+    read that failed or came back short (a shard deleted, replaced or truncated under a run)."""
+    with self._lock:
+      self.requests += len(requests)
     if self._remote:
+      # cat_ranges returns a failed range's exception in its place in the list (fsspec's
+      # on_error="return"), so each entry is checked rather than joined as bytes.
       fs = _fs(self.paths[0])
-      return fs.cat_ranges([self.paths[i] for i, _, _ in requests],
-                           [o for _, o, _ in requests], [o + n for _, o, n in requests])
-    out = []
-    for i, offset, length in requests:
-      data = os.pread(self._fd(i), length, offset)
-      if len(data) != length:
-        raise OSError(f"{self.paths[i]}: short read at byte {offset} ({len(data)} of {length} "
-                      f"bytes); the file is truncated")
-      out.append(data)
+      out = fs.cat_ranges([self.paths[i] for i, _, _ in requests],
+                          [o for _, o, _ in requests], [o + n for _, o, n in requests])
+    else:
+      out = [os.pread(self._fd(i), length, offset) for i, offset, length in requests]
+    for (i, offset, length), data in zip(requests, out):
+      _check_range(self.paths[i], offset, length, data)
     return out
 
   def close(self) -> None:

@@ -10,7 +10,9 @@ over the mesh's data axes exactly like pre-training. The dev set is scored after
 
 Writes OUT/metrics.jsonl (training scalars every `log_every_steps`, dev scores every epoch),
 OUT/results.json (the config, every epoch's dev scores and the best epoch; rewritten after each
-evaluation) and, with `export_best`, OUT/best_model (a HF DebertaV2ForSequenceClassification).
+evaluation) and, with `export_best`, OUT/best_model (a HF DebertaV2ForSequenceClassification),
+from process 0 only; with parameters sharded over several processes the best model is gathered
+from all of them. DIR and OUT may be local or gs:// (the GLUE files are read locally).
 Bad input (unknown task, missing files, an init directory that is neither format) exits with code
 2 and a one-line message; a non-finite loss with code 3.
 """
@@ -38,11 +40,13 @@ from deberta_jax import errors
 from deberta_jax import hf
 from deberta_jax import workdir as workdir_lib
 from deberta_jax.config import FLOAT16_REFUSED
+from deberta_jax.data import storage
 from deberta_jax.data.spm import Tokenizer
 from deberta_jax.finetune import glue
 from deberta_jax.finetune import glue_metrics
 from deberta_jax.models import classifier as classifier_lib
 from deberta_jax.models.config import ATTENTION_IMPLS
+from deberta_jax.pretraining import init_from
 from deberta_jax.pretraining import optim
 from deberta_jax.runtime import distributed
 from deberta_jax.runtime import sharding
@@ -111,14 +115,15 @@ def validate(config) -> None:
 # --------------------------------------------------------------------------------------- init
 
 def init_kind(path: str) -> str:
-  """'pretraining_workdir' or 'hf'; FinetuneError for anything else (cheap: reads no weights)."""
-  if not os.path.isdir(path):
+  """'pretraining_workdir' or 'hf' (local or gs://); FinetuneError for anything else (cheap:
+  reads no weights)."""
+  if not storage.isdir(path):
     raise FinetuneError(f"config.init={path!r} is not a directory")
   if workdir_lib.is_pretraining_workdir(path):
     return "pretraining_workdir"
-  has_weights = any(os.path.isfile(os.path.join(path, f))
+  has_weights = any(storage.isfile(storage.join(path, f))
                     for f in (hf.SAFETENSORS_FILE, hf.TORCH_FILE))
-  if os.path.isfile(os.path.join(path, hf.CONFIG_FILE)) and has_weights:
+  if storage.isfile(storage.join(path, hf.CONFIG_FILE)) and has_weights:
     return "hf"
   raise FinetuneError(
       f"config.init={path!r} is neither a pre-training workdir (config.json + checkpoints/) nor a "
@@ -127,8 +132,8 @@ def init_kind(path: str) -> str:
 
 def load_init(path: str, step: int | None = None) -> Init:
   kind = init_kind(path)
-  spm = os.path.join(path, workdir_lib.SPM_FILE if kind == "pretraining_workdir" else hf.SPM_FILE)
-  if not os.path.isfile(spm):
+  spm = storage.join(path, workdir_lib.SPM_FILE if kind == "pretraining_workdir" else hf.SPM_FILE)
+  if not storage.isfile(spm):
     raise FinetuneError(f"config.init={path!r} has no {os.path.basename(spm)} (the tokenizer)")
   if kind == "pretraining_workdir":
     return init_from_workdir(path, *workdir_lib.load(path, step))
@@ -141,7 +146,7 @@ def init_from_workdir(path: str, run_config, model, params, step: int) -> Init:
   discriminator as a standalone network, E_D = E_G + E_delta materialised under GDES."""
   disc = jax.tree.map(np.asarray, jax.device_get(model.export_discriminator_params(params)))
   return Init("pretraining_workdir", path, model.discriminator_config, disc,
-              os.path.join(path, workdir_lib.SPM_FILE), step, run_config.model.embedding_sharing)
+              storage.join(path, workdir_lib.SPM_FILE), step, run_config.model.embedding_sharing)
 
 
 # --------------------------------------------------------------------------------------- data
@@ -189,10 +194,9 @@ def make_optimizer(config, total_steps: int):
 
 
 def _write_json(path: str, value) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """The whole file at once (a rename locally, one object upload on gs://): a reader never sees
+  part of it."""
+  storage.write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode("utf-8"))
 
 
 def run(config, workdir: str, init: Init | None = None) -> dict:
@@ -204,7 +208,7 @@ def run(config, workdir: str, init: Init | None = None) -> dict:
   # --- 1. Everything checkable before touching a device, then the model and the data.
   task = check_inputs(config)
   wall_start = time.time()
-  if init is None or os.path.abspath(init.path) != os.path.abspath(config.init):
+  if init is None or storage.absolute(init.path) != storage.absolute(config.init):
     init = load_init(config.init, None if config.init_step < 0 else config.init_step)
   tokenizer = Tokenizer(init.spm_model)
   if tokenizer.num_pieces >= init.model_config.vocab_size:
@@ -226,8 +230,9 @@ def run(config, workdir: str, init: Init | None = None) -> dict:
 
   # --- 3. The loop: shuffled epochs, dev evaluation each `eval_every_epochs`.
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  log = MetricsLog(os.path.join(workdir, METRICS_FILE) if is_chief else None)
+  if is_chief:
+    storage.makedirs(workdir)
+  log = MetricsLog(storage.join(workdir, METRICS_FILE) if is_chief else None)
   results = _results_header(config, task, init, model_config, data, mesh, steps_per_epoch,
                             total_steps, warmup)
   logging.info("fine-tuning %s from %s (%s): %d examples, %d epochs x %d steps, warmup %d, "
@@ -251,16 +256,17 @@ def run(config, workdir: str, init: Init | None = None) -> dict:
       first = task.eval_splits[0]
       if results["best"] is None or entry[first]["score"] > results["best"][first]["score"]:
         results["best"] = entry
-        if config.export_best:
-          best_params = jax.device_get(state["params"])
+        if config.export_best:  # every process takes part in the gather; process 0 keeps it
+          gathered = init_from.host_copy(state["params"])
+          best_params = gathered if is_chief else None
       results["wall_time_s"] = time.time() - wall_start
       if is_chief:
-        _write_json(os.path.join(workdir, RESULTS_FILE), results)
+        _write_json(storage.join(workdir, RESULTS_FILE), results)
   finally:
     log.close()
   if config.export_best and is_chief:
     hf.save_sequence_classifier(
-        os.path.join(workdir, "best_model"), model_config, best_params, task.num_labels,
+        storage.join(workdir, "best_model"), model_config, best_params, task.num_labels,
         glue.label_names(task), init.spm_model, tokenizer.mask_id, config.cls_dropout)
   return results
 
@@ -305,7 +311,7 @@ def init_state(model, tx, config, mesh, seq_len: int, init: Init):
     param_shardings, opt_shardings = sharding.logical_to_sharding(abstract, mesh)
     fresh = jax.jit(lambda k: meta.unbox(init_boxed(k)[0]))(key)
   try:
-    params = classifier_lib.merge_backbone(jax.device_get(fresh), init.params)
+    params = classifier_lib.merge_backbone(init_from.host_copy(fresh), init.params)
   except ValueError as e:
     raise FinetuneError(f"config.init={init.path!r}: {e}") from e
   params = jax.device_put(params, param_shardings)
@@ -385,15 +391,26 @@ class Batches:
 
 
 class MetricsLog:
-  """metrics.jsonl of the chief process (path None elsewhere: writes nothing)."""
+  """metrics.jsonl of the chief process (path None elsewhere: writes nothing).
+
+  Locally a file appended line by line; on an object store (gs://, no appends) the object is
+  rewritten whole at each record, which for one line per logged step stays small.
+  """
 
   def __init__(self, path: str | None):
-    self._file = open(path, "w", encoding="utf-8") if path else None
+    self._path = path
+    self._remote = bool(path) and storage.is_remote(path)
+    self._lines: list[str] = []
+    self._file = open(path, "w", encoding="utf-8") if path and not self._remote else None
 
   def write(self, record: dict) -> None:
+    line = json.dumps(record) + "\n"
     if self._file:
-      self._file.write(json.dumps(record) + "\n")
+      self._file.write(line)
       self._file.flush()
+    elif self._remote:
+      self._lines.append(line)
+      storage.write_bytes(self._path, "".join(self._lines).encode("utf-8"))
 
   def close(self) -> None:
     if self._file:

@@ -72,7 +72,10 @@ class Discriminator(nn.Module):
     self.mask_predictions = RTDHead(self.config)
 
   def __call__(self, input_ids, attention_mask, deterministic: bool = True, word_embeddings=None,
-               rows: RowLayout | None = None):
+               rows: RowLayout | None = None, with_features: bool = False):
+    """Logits [B, L]; with `with_features`, (logits, last-layer hidden states [B, L, H]): what a
+    fine-tuned model builds on, which the held-out evaluation watches for collapse."""
     x, _, _ = self.embeddings(input_ids, attention_mask, deterministic, word_embeddings, rows)
     hidden, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic, rows=rows)
-    return self.mask_predictions(hidden)
+    logits = self.mask_predictions(hidden)
+    return (logits, hidden) if with_features else logits

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
-from deberta_jax import config as config_lib
 from deberta_jax.models import Discriminator, Generator, generator_config
+from deberta_jax.models.config import ModelConfig
 from deberta_jax.models.hash_dropout import RowLayout
 
 DELTA = "gdes_delta"
@@ -26,12 +26,18 @@ DELTA = "gdes_delta"
 class RTDModel:
   """The two linen modules and the sharing rule; every method is a pure function of params."""
 
-  def __init__(self, config):
-    self.sharing = config.model.embedding_sharing
-    self.generator_config = generator_config(config.model)
-    self.discriminator_config = config_lib.discriminator_config(config)
-    self.generator = Generator(self.generator_config)
-    self.discriminator = Discriminator(self.discriminator_config)
+  def __init__(self, generator: ModelConfig, discriminator: ModelConfig, sharing: str):
+    self.sharing = sharing
+    self.generator_config = generator
+    self.discriminator_config = discriminator
+    self.generator = Generator(generator)
+    self.discriminator = Discriminator(discriminator)
+
+  @classmethod
+  def from_config(cls, config) -> "RTDModel":
+    """The pair a run config's `model` section describes."""
+    return cls(generator_config(config.model), ModelConfig.from_config(config.model),
+               config.model.embedding_sharing)
 
   def init(self, rng: jax.Array, seq_len: int) -> dict:
     """Boxed (logically partitioned) parameters of both networks."""
@@ -76,11 +82,13 @@ class RTDModel:
                                 deterministic, positions, True, rows, rngs=rngs)
 
   def discriminator_logits(self, params, input_ids, attention_mask, rng,
-                           deterministic: bool = False, rows: RowLayout | None = None):
+                           deterministic: bool = False, rows: RowLayout | None = None,
+                           with_features: bool = False):
+    """[B, L] float32 "replaced" logits; with `with_features` also the last layer [B, L, H]."""
     rngs = None if deterministic else {"dropout": rng}
     return self.discriminator.apply({"params": params["discriminator"]}, input_ids,
                                     attention_mask, deterministic, self.discriminator_table(params),
-                                    rows, rngs=rngs)
+                                    rows, with_features, rngs=rngs)
 
   def export_discriminator_params(self, params: dict) -> dict:
     """The discriminator as a standalone network: E_D materialised (E_G + E_delta under GDES)."""

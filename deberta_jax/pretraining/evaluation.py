@@ -1,10 +1,11 @@
 """Held-out evaluation during pre-training: the training batch losses cannot show overfitting, a
 broken data mix or a bad restart; losses on text never trained on can.
 
-The held-out rows are a fixed part of the dataset (data/pipeline.py: the same on every host, for
-every seed and after a resume). An evaluation reads `config.eval.num_batches` fixed batches of
-them, masks and samples with fixed keys, and runs both networks with dropout off, so two
-evaluations of the same parameters give the same numbers:
+The held-out rows are whole shards of the dataset (data/pipeline.py: the same on every host, for
+every seed, global batch and resume). An evaluation reads `config.eval.num_batches` fixed
+batches of them, masks and samples each row with a key of its own number, and runs both
+networks with dropout off, so two evaluations of the same parameters give the same numbers on
+any mesh, host count or chunking:
 
   eval_mlm_loss, eval_mlm_accuracy     the generator on the masked pieces
   eval_rtd_loss, eval_rtd_accuracy     the discriminator on every non-pad token of the replaced
@@ -12,9 +13,20 @@ evaluations of the same parameters give the same numbers:
   eval_unigram_entropy                 what a model that knows only piece frequencies scores
                                        (entropy of the held-out pieces' unigram distribution)
   eval_rtd_base_loss                   what predicting the replaced fraction everywhere scores
+  eval_disc_effective_rank             the discriminator's last-layer features of the held-out
+  eval_disc_mean_cosine                text, mean-pooled over each row's tokens: effective rank of their covariance
+                                       (exp of the entropy of its normalised PCA spectrum) and
+                                       mean cosine between different rows; `_cls_` the same at
+                                       [CLS]. A collapsing encoder (every row mapped near one
+                                       direction) shows here long before fine-tuning would.
 
-The AUC comes from histograms of the logits (4096 bins over [-16, 16], ties counted half), which
-the jitted step sums over the global batch, so it needs no per-token gather across hosts.
+The AUC comes from histograms of the logits, which the jitted step sums over the global batch,
+so it needs no per-token gather across hosts. The bins follow the float32 representation (sign,
+exponent and the top AUC_MANTISSA_BITS mantissa bits), so no logit is clipped, however confident
+the discriminator: every bin spans less than 2**-AUC_MANTISSA_BITS of its logits' magnitude.
+Only a replaced and an original token in the same bin are ranked as ties (counted half), so the
+AUC is off by at most half the fraction of (replaced, original) pairs sharing a bin, a bound
+`auc_from_histograms(..., with_bound=True)` returns along with it (typically below 1e-3).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,29 +43,47 @@ from deberta_jax.data import pipeline as pipeline_lib
 from deberta_jax.pretraining import losses
 from deberta_jax.pretraining import masking
 from deberta_jax.pretraining import train_step as ts
+from deberta_jax.runtime import sharding
 
-AUC_BINS = 4096
-AUC_RANGE = 16.0
+# Bins: the sign, the 8 exponent bits and this many mantissa bits of a float32 logit.
+AUC_MANTISSA_BITS = 9
+AUC_BINS = 1 << (1 + 8 + AUC_MANTISSA_BITS)
 
 
 def _histograms(logits: jax.Array, replaced: jax.Array, weights: jax.Array):
-  scaled = (jnp.clip(logits.astype(jnp.float32), -AUC_RANGE, AUC_RANGE) + AUC_RANGE) / (
-      2 * AUC_RANGE)
-  bins = jnp.clip((scaled * AUC_BINS).astype(jnp.int32), 0, AUC_BINS - 1).reshape(-1)
+  """Counts of replaced and original tokens per bin, bins in increasing order of the logit.
+
+  The bin is the top bits of the logit's float32 pattern mapped to an unsigned integer whose
+  order is the numbers' order (negatives: all bits flipped; the rest: the sign bit set), so bins
+  cover every float32 (infinities included) with a resolution relative to the magnitude.
+  """
+  logits = logits.astype(jnp.float32)
+  logits = jnp.where(logits == 0, 0.0, logits)  # -0.0 and 0.0 are one value: one bin
+  bits = jax.lax.bitcast_convert_type(logits, jnp.uint32)
+  ordered = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+  bins = (ordered >> (32 - (1 + 8 + AUC_MANTISSA_BITS))).astype(jnp.int32).reshape(-1)
   weights = weights.astype(jnp.float32).reshape(-1)
   positive = replaced.astype(jnp.float32).reshape(-1) * weights
   return (jnp.zeros(AUC_BINS).at[bins].add(positive),
           jnp.zeros(AUC_BINS).at[bins].add(weights - positive))
 
 
-def auc_from_histograms(positive: np.ndarray, negative: np.ndarray) -> float:
-  """P(score of a replaced token > score of an original one), ties counted half."""
+def auc_from_histograms(positive: np.ndarray, negative: np.ndarray, with_bound: bool = False):
+  """P(score of a replaced token > score of an original one), ties counted half.
+
+  Pairs in one bin count half whatever their order, so the exact AUC (over the logits
+  themselves) differs by at most `bound` = half the fraction of (replaced, original) pairs that
+  share a bin; `with_bound=True` returns (auc, bound).
+  """
   positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
   total = positive.sum() * negative.sum()
   if total == 0:
-    return float("nan")
+    return (float("nan"), float("nan")) if with_bound else float("nan")
   below = np.cumsum(negative) - negative
-  return float(np.sum(positive * (below + 0.5 * negative)) / total)
+  auc = float(np.sum(positive * (below + 0.5 * negative)) / total)
+  if with_bound:
+    return auc, float(0.5 * np.sum(positive * negative) / total)
+  return auc
 
 
 def unigram_entropy(input_ids: np.ndarray, special_ids) -> float:
@@ -63,22 +94,27 @@ def unigram_entropy(input_ids: np.ndarray, special_ids) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def eval_key(seed: int, index: int) -> jax.Array:
-  """The fixed masking/sampling key of held-out batch `index`."""
-  return jax.random.fold_in(jax.random.key(int(seed)), 0x7E57_0000 + int(index))
+def eval_key(seed: int) -> jax.Array:
+  """The fixed masking/sampling key of the held-out evaluation (each row draws its own from it
+  by its number)."""
+  return jax.random.fold_in(jax.random.key(int(seed)), 0x7E57_0000)
 
 
 def corrupt(model, config, tokens: ts.SpecialTokens, params, batch, key):
   """What an evaluation feeds the networks: (masked batch, generator logits, replaced ids,
-  is_replaced), with dropout off and every draw from `key`."""
+  is_replaced), with dropout off and every draw from `key` and the rows' numbers
+  (`batch["row"]`, default 0..B-1): a row is masked and sampled the same way in any chunk."""
   k_mask, k_sample = jax.random.split(key)
   ids, attention = batch["input_ids"], batch["attention_mask"]
-  masked = masking.mask_tokens(k_mask, ids, attention, tokens.never_masked, tokens.mask_id,
-                               float(config.rtd.mask_prob))
+  rows = batch.get("row", jnp.arange(ids.shape[0]))
+  prob = float(config.rtd.mask_prob)
+  one_row = lambda k, i, a: masking.mask_tokens(k, i[None], a[None], tokens.never_masked,
+                                                tokens.mask_id, prob)
+  masked = jax.tree.map(lambda x: x[:, 0], jax.vmap(one_row)(ts.row_keys(k_mask, rows), ids,
+                                                             attention))
   logits = model.generator_logits(params["generator"], masked.input_ids, attention,
                                   masked.positions, None, deterministic=True)
-  sampled = ts.sample_rows(k_sample, jnp.arange(ids.shape[0]), logits,
-                           float(config.rtd.temperature))
+  sampled = ts.sample_rows(k_sample, rows, logits, float(config.rtd.temperature))
   replaced, is_replaced = masking.replace_tokens(ids, masked.positions, masked.weights, sampled)
   return masked, logits, replaced, is_replaced
 
@@ -92,40 +128,130 @@ def make_eval_step(model, config, tokens: ts.SpecialTokens):
     mlm = losses.mlm_sums(logits, masked.labels, masked.weights)
     disc_logits = model.discriminator_logits(params, replaced, attention, None,
                                              deterministic=True)
+    # Features of the held-out text itself, as fine-tuning will see it (one more forward pass).
+    _, hidden = model.discriminator_logits(params, batch["input_ids"], attention, None,
+                                           deterministic=True, with_features=True)
     rtd = losses.rtd_sums(disc_logits, is_replaced, attention)
     positive, negative = _histograms(disc_logits, is_replaced, attention)
-    return {**mlm, **rtd, "auc_positive": positive, "auc_negative": negative}
+    return {**mlm, **rtd, "auc_positive": positive, "auc_negative": negative,
+            **feature_sums(hidden, attention)}
 
   return eval_step
 
 
+def feature_sums(hidden: jax.Array, attention: jax.Array) -> dict[str, jax.Array]:
+  """Sums over the rows of the discriminator's last-layer features, mean-pooled over non-pad
+  tokens ('disc') and at [CLS] ('cls'): sum, sum of outer products and sum of unit vectors, from
+  which `feature_health` gets the PCA spectrum and the mean cosine of the whole evaluation
+  without gathering rows across hosts (H x H floats per kind: 4 MB at hidden 1024)."""
+  hidden = hidden.astype(jnp.float32)
+  weights = attention.astype(jnp.float32)[..., None]
+  pooled = (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+  out = {"feature_rows": jnp.asarray(hidden.shape[0], jnp.float32)}
+  for name, x in (("disc", pooled), ("cls", hidden[:, 0])):
+    unit = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    out[f"{name}_sum"] = x.sum(0)
+    out[f"{name}_outer"] = jnp.einsum("bi,bj->ij", x, x, precision=jax.lax.Precision.HIGHEST)
+    out[f"{name}_unit_sum"] = unit.sum(0)
+  return out
+
+
+def effective_rank(covariance: np.ndarray) -> float:
+  """exp of the entropy of the normalised eigenvalue spectrum (Roy & Vetterli's effective rank):
+  1 when all variance lies on one direction, H when it is spread evenly over H."""
+  eig = np.clip(np.linalg.eigvalsh(np.asarray(covariance, np.float64)), 0.0, None)
+  if eig.sum() <= 0:
+    return 0.0
+  p = eig / eig.sum()
+  p = p[p > 0]
+  return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def feature_health(t: dict, name: str) -> tuple[float, float]:
+  """(effective rank of the features' covariance, mean cosine between different rows)."""
+  n = float(t["feature_rows"])
+  mean = np.asarray(t[f"{name}_sum"], np.float64) / n
+  covariance = np.asarray(t[f"{name}_outer"], np.float64) / n - np.outer(mean, mean)
+  unit_sum = np.asarray(t[f"{name}_unit_sum"], np.float64)
+  cosine = (unit_sum @ unit_sum - n) / (n * (n - 1)) if n > 1 else float("nan")
+  return effective_rank(covariance), float(cosine)
+
+
+def held_out_batch(pipeline, index: int, batch_size: int) -> dict[str, np.ndarray]:
+  """This process's rows of held-out batch `index` with their numbers in the held-out stream
+  (`row`), which key their masks and samples (corrupt)."""
+  batch = pipeline.holdout_batch(index, batch_size)
+  local = batch_size // pipeline.process_count
+  first = index * batch_size + pipeline.process_index * local
+  return {**batch, "row": np.arange(first, first + local, dtype=np.int32)}
+
+
+def num_chunks(per_device_rows: int, per_device_microbatch: int) -> int:
+  """Chunks of equal size, each at most `per_device_microbatch` rows per device (0: one)."""
+  if per_device_microbatch <= 0 or per_device_rows <= per_device_microbatch:
+    return 1
+  return next(c for c in range(-(-per_device_rows // per_device_microbatch), per_device_rows + 1)
+              if per_device_rows % c == 0)
+
+
 class Evaluator:
-  """Evaluates parameters on the fixed held-out batches; `__call__(params)` -> scalars."""
+  """Evaluates parameters on the fixed held-out batches; `__call__(params)` -> scalars.
+
+  The step is traced under the training mesh and its logical-axis rules (sharding.on_mesh), like
+  the training step: outside them the fused attention kernels would run on the whole global
+  batch on every device. Each held-out batch is run in chunks of at most `per_device_microbatch`
+  rows per device (the training step's micro-batch, which fits): the evaluation batch defaults
+  to the global batch, 256 rows per device at configs/large.py on 32 devices. The sums do not
+  depend on the chunking: every row is masked and sampled with keys of its own number.
+  """
 
   def __init__(self, model, config, tokens: ts.SpecialTokens, pipeline, param_shardings,
-               batch_sharding, make_global_batch):
+               batch_sharding, make_global_batch, per_device_microbatch: int = 0):
     self.num_batches = int(config.eval.num_batches)
     self.batch_size = pipeline_lib.eval_batch_size(config)
-    self._batches = [make_global_batch(pipeline.holdout_batch(i, self.batch_size))
-                     for i in range(self.num_batches)]
-    self._keys = [eval_key(config.seed, i) for i in range(self.num_batches)]
+    mesh = batch_sharding.mesh
+    chunks = num_chunks(self.batch_size // sharding.data_parallel_size(mesh),
+                        per_device_microbatch)
+    wanted = self.num_batches * self.batch_size
+    if pipeline.holdout_rows < wanted:
+      logging.warning("The evaluation reads %d held-out rows per call but %d are held out: "
+                      "rows repeat (raise config.eval.holdout_fraction for more).", wanted,
+                      pipeline.holdout_rows)
+    self._batches = []
+    for i in range(self.num_batches):
+      local = held_out_batch(pipeline, i, self.batch_size)
+      for chunk in range(chunks):
+        self._batches.append(make_global_batch(
+            {k: np.array_split(v, chunks)[chunk] for k, v in local.items()}))
+    self._key = eval_key(config.seed)
+    self.min_effective_rank = float(config.eval.get("min_effective_rank", 0.0))
     # Every host reads all evaluated rows once (a few thousand at most) for the baseline.
-    every_row = pipeline.rows.read(pipeline.holdout_indices(self.num_batches * self.batch_size))
+    every_row = pipeline.rows.read(pipeline.holdout_indices(min(wanted, pipeline.holdout_rows)))
     self.unigram_entropy = unigram_entropy(every_row, tokens.never_masked)
-    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    self._step = jax.jit(make_eval_step(model, config, tokens),
-                         in_shardings=(param_shardings, batch_sharding, None),
-                         out_shardings=replicated)
+    self._step = sharding.on_mesh(
+        jax.jit(make_eval_step(model, config, tokens),
+                in_shardings=(param_shardings, batch_sharding, None),
+                out_shardings=sharding.replicated(mesh)), mesh)
 
   def __call__(self, params) -> dict[str, float]:
     totals: dict[str, Any] = {}
-    for batch, key in zip(self._batches, self._keys):
-      sums = self._step(params, batch, key)
+    for batch in self._batches:
+      sums = self._step(params, batch, self._key)
       totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
     t = jax.device_get(totals)
     mlm_count, rtd_count = max(float(t["mlm_count"]), 1.0), max(float(t["rtd_count"]), 1.0)
     rate = float(t["replaced_sum"]) / rtd_count
     base = 0.0 if rate in (0.0, 1.0) else -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    health = {}
+    for name, prefix in (("disc", "eval_disc"), ("cls", "eval_disc_cls")):
+      rank, cosine = feature_health(t, name)
+      health[f"{prefix}_effective_rank"], health[f"{prefix}_mean_cosine"] = rank, cosine
+    if health["eval_disc_effective_rank"] < self.min_effective_rank:
+      logging.warning(
+          "The discriminator's features are collapsing: effective rank %.1f of %d dimensions "
+          "(mean cosine between rows %.2f), below config.eval.min_effective_rank=%g",
+          health["eval_disc_effective_rank"], len(t["disc_sum"]),
+          health["eval_disc_mean_cosine"], self.min_effective_rank)
     return {
         "eval_mlm_loss": float(t["mlm_loss_sum"]) / mlm_count,
         "eval_mlm_accuracy": float(t["mlm_correct"]) / mlm_count,
@@ -134,4 +260,5 @@ class Evaluator:
         "eval_rtd_auc": auc_from_histograms(t["auc_positive"], t["auc_negative"]),
         "eval_unigram_entropy": self.unigram_entropy,
         "eval_rtd_base_loss": base,
+        **health,
     }

@@ -1,10 +1,16 @@
 """Start pre-training from released weights: `config.init.generator` / `config.init.discriminator`.
 
 Continued (domain-adaptive) pre-training is the most asked-for use of the released DeBERTaV3
-checkpoints. Each path is a Hugging Face DebertaV2 directory (model.safetensors or
-pytorch_model.bin) or one state-dict file in the official release layout
+checkpoints. Each path (local or gs://) is a Hugging Face DebertaV2 directory (model.safetensors
+or pytorch_model.bin) or one state-dict file in the official release layout
 (`pytorch_model.generator.bin`: `deberta.*` + `lm_predictions.*`, with the EMD's absolute position
-table; `pytorch_model.bin`: `deberta.*` + `mask_predictions.*`).
+table; `pytorch_model.bin`: `deberta.*` + `mask_predictions.*`). A release directory given as the
+generator gives its `pytorch_model.generator.bin`: its `pytorch_model.bin` is the discriminator.
+The log names the file each network was read from.
+
+Each file must hold the network this run builds: its depth, width and vocabulary (from its tensors)
+and, where a config.json describes it, its attention heads. Anything else is a CheckpointError
+(exit 2) naming both values; a deeper file is never cut to its first layers.
 
 Embedding sharing decides what the discriminator's word embedding becomes:
 
@@ -22,6 +28,7 @@ configured model, or a vocabulary of another size, is a CheckpointError (exit 2)
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -35,15 +42,44 @@ from deberta_jax.models.rtd import DELTA
 HEADS = {"generator": "lm_head", "discriminator": "mask_predictions"}
 
 
-def _read(path: str, network_config, vocab_size: int, field: str):
-  flat, heads, rows = hf.network_from_state(hf.read_state(path), network_config.num_layers,
-                                            network_config.padded_vocab_size, path)
-  if rows != vocab_size:
+def _read(path: str, network_config, config, name: str):
+  """(flat params, heads, file read) of config.init.<name>, after checking that the file holds a
+  network of this run's depth, width, heads and vocabulary: a deeper file would otherwise load
+  its first layers and drop the rest without a word."""
+  where = f"config.init.{name}={path}"
+  checkpoint = hf.read_checkpoint(path, generator=name == "generator")
+  if checkpoint.file != path:
+    where += f" ({checkpoint.file})"
+  found = hf.architecture_of(checkpoint)
+  generator_layers = config.model.get("generator_num_layers", 0)
+  if name == "generator":
+    depth = f"config.model.generator_num_layers={generator_layers}"
+    if not generator_layers:
+      depth += f" (half of config.model.num_layers={config.model.num_layers})"
+  else:
+    depth = f"config.model.num_layers={config.model.num_layers}"
+  if found.num_layers != network_config.num_layers:
+    hint = ""
+    if name == "generator" and os.path.basename(checkpoint.file) == hf.TORCH_FILE:
+      hint = (f"; a release's {hf.TORCH_FILE} is its discriminator, the generator is "
+              f"{hf.GENERATOR_FILE}")
+    raise hf.CheckpointError(f"{where}: has {found.num_layers} layers, {depth} wants "
+                             f"{network_config.num_layers}{hint}")
+  if found.hidden_size != network_config.hidden_size:
+    raise hf.CheckpointError(f"{where}: has hidden size {found.hidden_size}, "
+                             f"config.model.hidden_size wants {network_config.hidden_size}")
+  if found.num_heads is not None and found.num_heads != network_config.num_heads:
+    raise hf.CheckpointError(f"{where}: has {found.num_heads} attention heads (its config.json), "
+                             f"config.model.num_heads wants {network_config.num_heads}")
+  vocab_size = int(config.model.vocab_size)
+  if found.vocab_rows != vocab_size:
     raise hf.CheckpointError(
-        f"config.{field}={path}: embeddings.word_embeddings.weight has {rows} rows but "
+        f"{where}: embeddings.word_embeddings.weight has {found.vocab_rows} rows but "
         f"config.model.vocab_size={vocab_size} (the released models have 128100: use their "
         f"spm.model as config.data.spm_model and config.model.vocab_size=128100)")
-  return flat, heads
+  flat, heads, _ = hf.network_from_state(checkpoint.state, network_config.num_layers,
+                                         network_config.padded_vocab_size, checkpoint.file)
+  return flat, heads, checkpoint.file
 
 
 def _overlay(target: dict, loaded: dict, name: str, path: str) -> list[str]:
@@ -65,19 +101,18 @@ def initial_params(config, model, params: dict[str, Any]) -> tuple[dict[str, Any
   notes = []
   generator = traverse_util.flatten_dict(params["generator"])
   discriminator = traverse_util.flatten_dict(params["discriminator"])
-  vocab = int(config.model.vocab_size)
   gen_path, disc_path = config.init.generator, config.init.discriminator
   if gen_path:
-    loaded, heads = _read(gen_path, model.generator_config, vocab, "init.generator")
+    loaded, heads, file = _read(gen_path, model.generator_config, config, "generator")
     missing = _overlay(generator, loaded, "generator", gen_path)
-    notes.append(f"generator from {gen_path}" + _missing_note(missing, heads, "lm_head"))
+    notes.append(f"generator from {file}" + _missing_note(missing, heads, "lm_head"))
   if disc_path:
-    loaded, heads = _read(disc_path, model.discriminator_config, vocab, "init.discriminator")
+    loaded, heads, file = _read(disc_path, model.discriminator_config, config, "discriminator")
     table = loaded.pop(("embeddings", "word_embeddings"))
     positions = loaded.pop(("embeddings", "position_embeddings"), None)
     missing = _overlay(discriminator, loaded, "discriminator", disc_path)
     missing = [m for m in missing if m != "embeddings/word_embeddings"]
-    note = f"discriminator from {disc_path}" + _missing_note(missing, heads, "mask_predictions")
+    note = f"discriminator from {file}" + _missing_note(missing, heads, "mask_predictions")
     sharing = model.sharing
     if sharing == "gdes":
       discriminator[(DELTA, "word_embeddings")] = table - generator[("embeddings",
@@ -113,12 +148,19 @@ def log_notes(notes: list[str]) -> None:
 
 
 def host_copy(tree):
-  """Every leaf of a tree of (possibly multi-host sharded) arrays, whole, as numpy."""
-  if jax.process_count() == 1:
-    return jax.tree.map(np.asarray, jax.device_get(tree))
-  from jax.experimental import multihost_utils  # multi-process runs only
-  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                      tree)
+  """Every leaf of a tree of (possibly multi-host sharded) arrays, whole, as numpy.
+
+  A leaf sharded over devices of several processes (mesh.fsdp across hosts) has shards this
+  process cannot read, so `jax.device_get` refuses it; `process_allgather` assembles it with a
+  collective instead, so with several processes every one must call this at the same point.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  def whole(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(whole, tree)
 
 
 def place(params: dict, shardings: dict) -> dict:

@@ -7,6 +7,7 @@ discriminator flags as replaced (with what it got right).
 
 from __future__ import annotations
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +46,7 @@ def describe(model, params, tokenizer, batch: dict, config, seed: int = 0) -> li
   ids, replaced, is_replaced = np.asarray(ids), np.asarray(replaced), np.asarray(is_replaced)
   attention = np.asarray(attention).astype(bool)
   positions, weights = np.asarray(masked.positions), np.asarray(masked.weights)
-  piece = tokenizer.id_to_piece
+  piece = tokenizer.id_to_piece  # also names the spare rows the generator may sample
   lines = []
   for row in range(ids.shape[0]):
     lines.append(f"sentence {row + 1}: {_text(tokenizer, ids[row])}")
@@ -66,3 +67,21 @@ def describe(model, params, tokenizer, batch: dict, config, seed: int = 0) -> li
                  f"({hits} of {int(is_replaced[row].sum())} replaced found): "
                  f"{', '.join(shown) or 'none'}")
   return lines
+
+
+def log_samples(model, params, tokenizer, read_batch, config, seed: int = 0,
+                rows: int = 3) -> None:
+  """Logs `describe`'s lines for the first `rows` rows of `read_batch()` (host arrays).
+
+  They come after the run has finished and saved its last step, so nothing here may fail it:
+  an exception (reading the rows included) is logged as a warning, and the run still exits 0.
+  """
+  try:
+    batch = {k: v[:rows] for k, v in read_batch().items()}
+    lines = describe(model, params, tokenizer, batch, config, seed)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Could not show the held-out samples (%s: %s); the run itself finished.",
+                    type(e).__name__, e, exc_info=True)
+    return
+  for line in lines:
+    logging.info("%s", line)

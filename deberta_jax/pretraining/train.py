@@ -6,6 +6,7 @@ states, step, RNG, data position) and continues the trajectory of an uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -83,12 +84,15 @@ def abstract_of(state):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 
 
-def make_evaluator(model, config, tokens, pipeline, state_shardings, batch_sharding):
-  """The held-out evaluation (evaluation.py), or None when config.eval.every_steps is 0."""
+def make_evaluator(model, config, tokens, pipeline, state_shardings, batch_sharding,
+                   per_device_microbatch: int):
+  """The held-out evaluation (evaluation.py), or None when config.eval.every_steps is 0. It runs
+  at most the training step's micro-batch per device at a time, which is known to fit."""
   if not int(config.eval.every_steps):
     return None
   return evaluation.Evaluator(model, config, tokens, pipeline, state_shardings.params,
-                              batch_sharding, lambda b: _global_batch(b, batch_sharding))
+                              batch_sharding, lambda b: _global_batch(b, batch_sharding),
+                              per_device_microbatch=per_device_microbatch)
 
 
 def check_hosts_read_one_dataset(fingerprint: str) -> None:
@@ -120,45 +124,59 @@ def run(config, workdir: str) -> dict:
   workdir_lib.check(config, workdir)
   mesh = sharding.make_mesh(config)
   microbatches(config, mesh)
+  config_lib.check_eval_batch(config, sharding.data_parallel_size(mesh), jax.process_count())
   is_chief = jax.process_index() == 0
 
-  # --- 2. Data (validates the corpus and the vocabulary against the tokenizer).
-  pipeline = pipeline_lib.make_pipeline(config, jax.process_index(), jax.process_count())
-  check_hosts_read_one_dataset(pipeline.fingerprint)
-  tok = pipeline.tokenizer
-  tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
+  # SIGTERM before the first step (preparing data, restoring, compiling) exits 4 when the
+  # phase ends. If setting up fails or is stopped, the checkpointer is closed (its threads ended).
+  with preemption.SetupStop() as setup_stop, contextlib.ExitStack() as close_on_error:
+    # --- 2. Data (validates the corpus and the vocabulary against the tokenizer).
+    pipeline = pipeline_lib.make_pipeline(config, jax.process_index(), jax.process_count())
+    check_hosts_read_one_dataset(pipeline.fingerprint)
+    tok = pipeline.tokenizer
+    tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
+    setup_stop.check("data preparation")
 
-  # --- 3. Model, optimizers and state (restored when the workdir has a checkpoint).
-  model = RTDModel(config)
-  optimizers = ts.make_optimizers(config)
-  state, state_shardings = create_state(model, optimizers, config, mesh)
-  ckpt = checkpointing.Checkpointer(
-      os.path.join(workdir, "checkpoints"), every_steps=config.ckpt.every_steps,
-      keep=config.ckpt.keep, async_save=config.ckpt.async_save,
-      is_permanent=lambda s: s % config.ckpt.every_steps == 0 or s == config.num_train_steps)
-  if ckpt.latest_step() is not None:
-    step, state, meta = ckpt.restore(abstract_of(state))
-    pipeline.restore(meta["data"])
-    logging.info("Resumed from step %d (%s)", step, ckpt.step_path(step))
-  elif config.init.generator or config.init.discriminator:
-    params, notes = init_from.initial_params(config, model, init_from.host_copy(state.params))
-    state = state.replace(params=init_from.place(params, state_shardings.params))
-    init_from.log_notes(notes)
-  if is_chief:  # after the resume checks: a refused resume leaves the workdir as it was
-    workdir_lib.write_run_files(config, workdir, tok)
-  start_step = int(state.step)
+    # --- 3. Model, optimizers and state (restored when the workdir has a checkpoint).
+    model = RTDModel.from_config(config)
+    optimizers = ts.make_optimizers(config)
+    state, state_shardings = create_state(model, optimizers, config, mesh)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    resuming = bool(checkpointing.committed_steps(checkpoints))
+    if not resuming and (config.init.generator or config.init.discriminator):
+      # Before the checkpointer exists: a refused release leaves a new workdir as it was.
+      params, notes = init_from.initial_params(config, model, init_from.host_copy(state.params))
+      state = state.replace(params=init_from.place(params, state_shardings.params))
+      init_from.log_notes(notes)
+    ckpt = checkpointing.Checkpointer(
+        checkpoints, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep,
+        async_save=config.ckpt.async_save,
+        is_permanent=lambda s: s % config.ckpt.every_steps == 0 or s == config.num_train_steps)
+    close_on_error.callback(ckpt.close)
+    if resuming:
+      step, state, meta = ckpt.restore(abstract_of(state))
+      pipeline.restore(meta["data"])
+      logging.info("Resumed from step %d (%s)", step, ckpt.step_path(step))
+    if is_chief:  # after the resume checks: a refused resume leaves the workdir as it was
+      workdir_lib.write_run_files(config, workdir, tok)
+    start_step = int(state.step)
+    setup_stop.check("restore")
 
-  # --- 4. The jitted step (train_step.py: mask, generator update, sample, discriminator
-  # update), compiled for the micro-batch count that fits the per-device memory (planning.py).
-  batch_sharding = sharding.batch_sharding(mesh)
-  jit_for = lambda num_micro: jit_step(model, optimizers, config, tokens, mesh, state_shardings,
-                                       num_micro)
-  train_step = compile_for_memory(jit_for, config, mesh, state)
+    # --- 4. The jitted step (train_step.py: mask, generator update, sample, discriminator
+    # update), compiled for the micro-batch count that fits the per-device memory (planning.py).
+    batch_sharding = sharding.batch_sharding(mesh)
+    jit_for = lambda num_micro: jit_step(model, optimizers, config, tokens, mesh, state_shardings,
+                                         num_micro)
+    plan = compile_for_memory(jit_for, config, mesh, state)
+    train_step = plan.compiled
+    setup_stop.check("compilation")
+    close_on_error.pop_all()
 
   # --- 5. The loop. Metrics stay on the device between log steps; every step ends by asking
   # whether SIGTERM arrived, which costs nothing on one host and a coordination-service query
   # on several.
-  writer = metrics_lib.MetricWriter(workdir, config.num_train_steps, enabled=is_chief)
+  writer = metrics_lib.MetricWriter(workdir, config.num_train_steps, enabled=is_chief,
+                                    start_step=start_step)
   stop = preemption.StopChecker(ckpt)
   timed = preemption.TimedCheckpoints(config.ckpt.every_minutes)
   health = StepHealth(config, start_step)
@@ -169,7 +187,8 @@ def run(config, workdir: str) -> dict:
     stop_at = min(stop_at, start_step + config.stop_after_steps)
   sums, timer, timed_from, preempted = None, None, start_step, False
   last_logged = {}
-  evaluate = make_evaluator(model, config, tokens, pipeline, state_shardings, batch_sharding)
+  evaluate = make_evaluator(model, config, tokens, pipeline, state_shardings, batch_sharding,
+                            plan.per_device_microbatch)
   eval_every = int(config.eval.every_steps)
   if evaluate is not None and start_step == 0:  # where a run (or a released model) starts from
     writer.write(0, evaluate(state.params))
@@ -227,10 +246,9 @@ def run(config, workdir: str) -> dict:
                     f"{ckpt.step_path(step)}. Rerun the same command to resume.")
   logging.info("Finished at step %d of %d", stop_at, config.num_train_steps)
   if evaluate is not None and is_chief and jax.process_count() == 1:
-    held_out = pipeline.holdout_batch(0, pipeline_lib.eval_batch_size(config))
-    for line in samples.describe(model, state.params, tok,
-                                 {k: v[:3] for k, v in held_out.items()}, config, config.seed):
-      logging.info("%s", line)
+    samples.log_samples(model, state.params, tok,  # never fails the finished run
+                        lambda: pipeline.holdout_batch(0, pipeline_lib.eval_batch_size(config)),
+                        config, config.seed)
   return last_logged
 
 
@@ -300,7 +318,7 @@ def jit_step(model, optimizers, config, tokens, mesh, state_shardings, num_micro
 
 
 def compile_for_memory(jit_for, config, mesh, state):
-  """The step compiled ahead of time (planning.plan_step). With a memory budget
+  """The step's plan, compiled ahead of time (planning.plan_step). With a memory budget
   (config.mesh.device_memory_gb, or what an accelerator reports) and no explicit micro-batch,
   it is compiled for the largest micro-batch that fits; a run that cannot fit is refused."""
   budget = planning.memory_budget(config)
@@ -317,7 +335,7 @@ def compile_for_memory(jit_for, config, mesh, state):
                  "(%d compilations)", plan.num_micro, plan.per_device_microbatch,
                  plan.memory.total / planning.GiB, budget / planning.GiB, len(tried))
   logging.info("Training step compiled in %.1f s", time.perf_counter() - start)
-  return plan.compiled
+  return plan
 
 
 def dry_run(config) -> dict:
@@ -325,7 +343,7 @@ def dry_run(config) -> dict:
   per-device memory and FLOPs, and returns them. Writes nothing (the workdir is not touched)."""
   mesh = sharding.make_mesh(config)
   microbatches(config, mesh)
-  model = RTDModel(config)
+  model = RTDModel.from_config(config)
   optimizers = ts.make_optimizers(config)
   abstract = abstract_state(model, optimizers, config, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)

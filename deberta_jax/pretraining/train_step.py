@@ -119,14 +119,15 @@ def accumulate(loss_fn: Callable, params, inputs: dict, num_micro: int):
   return grads, sums, outputs
 
 
-def _row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+def row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+  """One key per row number: draws that do not depend on how the rows are batched."""
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
 
 
 def sample_rows(key, rows, logits, temperature):
   """Per-row sampling keys: the draw for a sequence does not depend on the micro-batch split."""
   return jax.vmap(lambda k, l: masking.sample_from_blocks(k, l, temperature))(
-      _row_keys(key, rows), logits)
+      row_keys(key, rows), logits)
 
 
 # ------------------------------------------------------------------------------------- losses

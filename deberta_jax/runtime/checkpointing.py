@@ -435,14 +435,16 @@ def _read_everywhere(directory: epath.Path, step: int, steps: list[int],
 
 
 def load_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
-  """(step, parameters as numpy arrays) of the checkpoint `step` of a training workdir, or of
-  its newest readable one (a damaged newest step is skipped with a warning, as `restore` does).
+  """(step, parameters as numpy arrays) of the checkpoint `step` of a training workdir (local or
+  gs://), or of its newest readable one (a damaged newest step is skipped with a warning, as
+  `restore` does).
 
   Read-only: it lists `workdir/checkpoints` and reads one step's parameters, and never creates,
   renames or deletes anything there, so it may run beside the trainer. The parameters' shapes come
   from the checkpoint itself, so neither the model nor the optimizer needs to be rebuilt, and only
   the `params` subtree is read (not the optimizer moments, twice its size); the mesh that wrote
-  them does not matter.
+  them does not matter. Every array is restored whole onto one local CPU device, so nothing is
+  gathered from other hosts' devices: a run sharded over many hosts is read by one process.
 
   Raises:
     CheckpointError: no complete checkpoint, or `step` (or, with step=None, every step) cannot

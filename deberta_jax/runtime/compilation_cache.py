@@ -14,8 +14,8 @@ import os
 from absl import logging
 import jax
 
-from deberta_jax.data import corpus
-from deberta_jax.runtime import paths
+from deberta_jax import caches
+from deberta_jax import paths
 
 
 def resolve_dir(config) -> str | None:
@@ -26,7 +26,7 @@ def resolve_dir(config) -> str | None:
   if not value:
     return None
   if value == "auto":
-    return os.path.join(corpus.resolve_cache_dir(config), "xla")
+    return os.path.join(caches.directory(config), "xla")
   return paths.absolute(value)
 
 

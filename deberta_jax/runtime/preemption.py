@@ -21,6 +21,8 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
+from deberta_jax import errors
+
 
 class StopSignal:
   """Records SIGTERM in a single-process run; restores the previous handler on close()."""
@@ -41,6 +43,30 @@ class StopSignal:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+class SetupStop:
+  """SIGTERM while a run sets up (reading data, restoring, compiling): there is no step to
+  checkpoint yet, so `check(phase)`, called between the phases, raises Preempted (exit 4,
+  "rerun to resume") as soon as one ends. The handler only records the signal: raising from it
+  could land inside any library's `except Exception` (a logging call swallows it). Long phases
+  stop within themselves where they can (data preparation does); a compilation finishes first.
+  A context manager: the previous handler is restored on exit."""
+
+  def __init__(self):
+    self._signal = None
+
+  def __enter__(self) -> "SetupStop":
+    self._signal = StopSignal()
+    return self
+
+  def check(self, phase: str) -> None:
+    if self._signal is not None and self._signal.received():
+      raise errors.Preempted(f"stopped by SIGTERM during {phase}, before any step of this run; "
+                             "rerun the same command to resume")
+
+  def __exit__(self, *exc) -> None:
+    self._signal.close()
 
 
 class StopChecker:

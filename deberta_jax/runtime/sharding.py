@@ -93,5 +93,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def on_mesh(fn, mesh: Mesh):
+  """`fn` (a jitted function) called under `mesh` and the logical-axis rules: the model's
+  sharding constraints and the fused kernels' shard_map read both when the function is traced,
+  and without them would see one device holding the global batch."""
+
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      return fn(*args, **kwargs)
+
+  return call
+
+
 def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
