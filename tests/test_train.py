@@ -230,7 +230,8 @@ def test_a_restarted_run_loads_the_compiled_step_from_the_cache(cache_dir, tmp_p
   xla_cache = tmp_path / "xla"
   args = ["--config=configs/tiny.py", f"--config.data.cache_dir={cache_dir}",
           "--config.num_train_steps=2", "--config.optim.warmup_steps=1",
-          "--config.log.every_steps=1", f"--config.compilation_cache_dir={xla_cache}"]
+          "--config.log.every_steps=1", f"--config.compilation_cache_dir={xla_cache}",
+          "--config.eval.every_steps=0"]  # the step's cache is the point, not the evaluation
   dry = _cli(*args, f"--workdir={tmp_path / 'dry'}", "--config.dry_run=True")
   assert dry.returncode == 0, dry.stderr[-2000:]
   assert not xla_cache.exists()  # a dry run writes nothing
