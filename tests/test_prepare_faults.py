@@ -217,6 +217,22 @@ def test_a_killed_workers_part_is_retried(tmp_path, small, spm):
 # ----------------------------------------------------------------------------------- SIGTERM
 
 
+def _sigterm_after_first_record(process, finished_one, group=False):
+  """SIGTERM to `process` (or its process group) once `finished_one()`, i.e. a shard record
+  exists; returns its (stdout, stderr). A process still running at the end is killed."""
+  try:
+    deadline = time.monotonic() + 180
+    while not finished_one():
+      assert process.poll() is None and time.monotonic() < deadline, "no shard was finished"
+      time.sleep(0.005)
+    (os.killpg if group else os.kill)(process.pid, signal.SIGTERM)
+    return process.communicate(timeout=120)
+  finally:
+    if process.poll() is None:
+      os.killpg(process.pid, signal.SIGKILL)
+      process.communicate()
+
+
 @needs_proc
 @pytest.mark.parametrize("group", [False, True], ids=["process", "process-group"])
 def test_sigterm_stops_preparation_with_exit_4_and_a_rerun_resumes(tmp_path, large, spm, group):
@@ -226,20 +242,9 @@ def test_sigterm_stops_preparation_with_exit_4_and_a_rerun_resumes(tmp_path, lar
   out = tmp_path / "out"
   process = subprocess.Popen(_command(large, spm, out), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-  try:
-    deadline = time.monotonic() + 180
-    while not (out.is_dir() and any(n.endswith(".json") for n in os.listdir(out))):
-      assert process.poll() is None and time.monotonic() < deadline, "no shard was finished"
-      time.sleep(0.005)
-    if group:
-      os.killpg(process.pid, signal.SIGTERM)
-    else:
-      os.kill(process.pid, signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-  finally:
-    if process.poll() is None:
-      os.killpg(process.pid, signal.SIGKILL)
-      process.communicate()
+  _, err = _sigterm_after_first_record(
+      process, lambda: out.is_dir() and any(n.endswith(".json") for n in os.listdir(out)),
+      group)
   assert process.returncode == 4, err[-3000:]
   assert err.strip().splitlines()[-1].startswith("stopped: ")
   assert not _workers_in_session(process.pid), "worker processes outlived the command"
@@ -305,18 +310,8 @@ def test_automatic_preparation_turns_sigterm_into_exit_4(tmp_path, large, spm):
   process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
   prepared = tmp_path / "cache" / "prepared"
-  try:
-    deadline = time.monotonic() + 180
-    while not (prepared.is_dir() and any(
-        n.endswith(".json") for d in os.listdir(prepared) for n in os.listdir(prepared / d))):
-      assert process.poll() is None and time.monotonic() < deadline, "no shard was finished"
-      time.sleep(0.005)
-    os.kill(process.pid, signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-  finally:
-    if process.poll() is None:
-      os.killpg(process.pid, signal.SIGKILL)
-      process.communicate()
+  out, err = _sigterm_after_first_record(process, lambda: prepared.is_dir() and any(
+      n.endswith(".json") for d in os.listdir(prepared) for n in os.listdir(prepared / d)))
   assert process.returncode == 4, err[-3000:]
   assert "stopped: stopped by SIGTERM while preparing" in err
   assert out.strip() == "handler restored"
