@@ -105,6 +105,13 @@ def base_config() -> ml_collections.ConfigDict:
   # 1 = today's per-row shuffle (and one request per row). A checkpoint keeps its run's values.
   c.data.read_block_rows = 64
   c.data.shuffle_window_blocks = 16
+  # Object stores (gs://): the loader's own client keeps at most this many connections, which
+  # bounds the requests in flight (rows/s <= connections x rows per request / round trip).
+  c.data.read_connections = 100
+  # A read that still fails after the client's retries (gcsfs: 31-36 s) is tried again, with
+  # backoff and jitter, until this many minutes after its first attempt; then the run stops with
+  # a DataError naming the object and byte range. Missing objects and short reads are not retried.
+  c.data.read_retry_minutes = 10.0
   # A gs:// cache prepared by several processes together: how long a process that finished its
   # share waits for the others' shards (and the manifest) before it stops, naming what is missing.
   c.data.prepare_wait_minutes = 60.0

@@ -137,6 +137,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must be >= 1 (1 = one request per row)")
   _require(config.data.get("shuffle_window_blocks", 16) >= 1, "data.shuffle_window_blocks",
            "must be >= 1")
+  _require(config.data.get("read_connections", 100) >= 1, "data.read_connections",
+           "must be >= 1")
+  _require(config.data.get("read_retry_minutes", 10.0) >= 0, "data.read_retry_minutes",
+           "must be >= 0 (0 = only the client's own retries)")
   _require(config.data.get("prepare_wait_minutes", 60.0) > 0, "data.prepare_wait_minutes",
            "must be > 0")
   _require(config.ckpt.every_steps > 0, "ckpt.every_steps", "must be positive")

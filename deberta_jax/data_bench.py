@@ -38,6 +38,7 @@ _BLOCK = flags.DEFINE_integer("read_block_rows", pipeline_lib.DEFAULT_BLOCK_ROWS
                               "config.data.read_block_rows (1 = one request per row).")
 _WINDOW = flags.DEFINE_integer("shuffle_window_blocks", pipeline_lib.DEFAULT_WINDOW_BLOCKS,
                                "config.data.shuffle_window_blocks.")
+_CONNECTIONS = flags.DEFINE_integer("read_connections", 100, "config.data.read_connections.")
 
 
 def evict_from_page_cache(paths: list[str]) -> int:
@@ -61,7 +62,7 @@ def main(argv):
     raise cli.app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _DIR.value:
     raise cli.app.UsageError("--prepared_dir is required.")
-  rows = pipeline_lib.PreparedRows(_DIR.value)
+  rows = pipeline_lib.PreparedRows(_DIR.value, connections=_CONNECTIONS.value)
   files = [storage.join(rows.directory, s["file"]) for s in rows.manifest["shards"]]
   evicted = evict_from_page_cache(files) if _COLD.value else 0
   tokenizer = tokenizer_lib.Tokenizer(storage.join(rows.directory,
@@ -89,7 +90,8 @@ def main(argv):
       "seq_len": rows.seq_len, "dtype": str(rows.dtype), "rows_in_dataset": len(rows),
       "local_batch": pipeline.local_batch_size, "batches": _BATCHES.value,
       "read_threads": _THREADS.value, "read_block_rows": _BLOCK.value,
-      "shuffle_window_blocks": _WINDOW.value, "seconds": round(seconds, 3),
+      "shuffle_window_blocks": _WINDOW.value, "read_connections": _CONNECTIONS.value,
+      "seconds": round(seconds, 3),
       "requests_per_row": round(requests / rows_read, 4),
       "cpu_ms_per_row": round(1000 * cpu / rows_read, 4),
       "sequences_per_second": round(_BATCHES.value * pipeline.local_batch_size / seconds, 1),

@@ -18,6 +18,9 @@ Per request, in this order:
   * or, with `every=N`, deterministically: every N-th request of each client (counted per
     client) fails, in turn 503, 429 and a reset (held for that client's next GET), so each
     client that makes enough requests meets each kind whatever order threads send them in;
+  * `fail_object(name, count)`: the next `count` requests whose URL names an object containing
+    `name` are answered 503, whatever else is set: an outage of one object longer than a client's
+    own retries (gcsfs gives up after 6 attempts);
   * `max_faults` caps the faults of each kind (503, 429, reset) per client (`client_of`: gcsfs,
     tensorstore, other) from the start or the last `set_faults`: clients wait about a second
     before their first retry, so a test bounds the time its faults cost.
@@ -57,6 +60,7 @@ class FaultProxy:
     self.every = every
     self._due: dict[str, int] = {}  # per client: the scheduled fault's turn (every=N)
     self._fault_base: collections.Counter = collections.Counter()
+    self._outages: dict[str, int] = {}  # object-name fragment -> 503s still to answer
     self._in_flight = 0  # requests being answered now; counts['max_in_flight'] is the peak
     self.counts: collections.Counter = collections.Counter()
     self._random = random.Random(seed)
@@ -139,6 +143,22 @@ class FaultProxy:
       if reset_rate is not None:
         self.reset_rate = reset_rate
 
+  def fail_object(self, name: str, count: int) -> None:
+    """Answers the next `count` requests for objects whose name contains `name` with 503."""
+    with self._lock:
+      self._outages[name] = count
+
+  def _in_outage(self, request) -> bool:
+    from urllib.parse import unquote  # pylint: disable=import-outside-toplevel
+    url = unquote(request.path_qs)
+    with self._lock:
+      for name, left in self._outages.items():
+        if left > 0 and name in url:
+          self._outages[name] = left - 1
+          self.counts["http_503_outage"] += 1
+          return True
+    return False
+
   # ------------------------------------------------------------------------ one request
 
   @staticmethod
@@ -202,7 +222,10 @@ class FaultProxy:
 
   async def _answer(self, request):
     from aiohttp import web  # pylint: disable=import-outside-toplevel
-    fate = self._draw(request.method, self.client_of(request.headers.get("User-Agent", "")))
+    if self._in_outage(request):
+      fate = "503"
+    else:
+      fate = self._draw(request.method, self.client_of(request.headers.get("User-Agent", "")))
     if self.delay_s:
       await asyncio.sleep(self.delay_s)
     body = await request.read()

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
 import sys
 import uuid
 
@@ -170,3 +171,93 @@ def test_prepare_reads_shard_records_concurrently(proxy, prepared, spm):
   assert manifest == expected  # nothing was prepared again
   assert len(expected["shards"]) >= 4
   assert proxy.counts["max_in_flight"] >= 4, dict(proxy.counts)
+
+
+def _reader_of(prepared_dir, proxy, mp, **kwargs):  # pylint: disable=redefined-outer-name
+  """A RangeReader of `prepared_dir`'s shards through the proxy, and the shards' names."""
+  from deberta_jax.data import shards  # pylint: disable=import-outside-toplevel
+  from deberta_jax.data import storage  # pylint: disable=import-outside-toplevel
+  from tests import gcs_server as gcs_server_lib  # pylint: disable=import-outside-toplevel
+  gcs_server_lib.point_clients_at(proxy, mp)
+  names = [s["file"] for s in shards.read_manifest(prepared_dir)["shards"]]
+  return storage.RangeReader([f"{prepared_dir}/{n}" for n in names], **kwargs), names
+
+
+def test_a_read_outlasting_gcsfs_retries_is_tried_again_within_the_bound(proxy, prepared):
+  """An object that fails longer than gcsfs's own retries (6 attempts over 31-36 s): a reader
+  with config.data.read_retry_minutes left gets the right bytes after trying again with backoff;
+  a reader whose bound has passed stops with a DataError naming the object and byte range (both
+  meet the same outage at once, so the test waits it out once)."""
+  from deberta_jax.data import DataError  # pylint: disable=import-outside-toplevel
+  from deberta_jax.data import storage  # pylint: disable=import-outside-toplevel
+  from tests import gcs_server as gcs_server_lib  # pylint: disable=import-outside-toplevel
+  _, data = prepared
+  try:
+    with pytest.MonkeyPatch.context() as mp:
+      patient, names = _reader_of(data, proxy, mp, retry_minutes=2.0)
+      impatient, _ = _reader_of(data, proxy, mp, retry_minutes=0.0)
+      expected = storage.read_range(f"{data}/{names[0]}", 128, 256)
+      proxy.set_faults(**NO_FAULTS)
+      proxy.fail_object(names[0], 8)   # gcsfs's 6 attempts, then 2 more of the retry's
+      proxy.fail_object(names[1], 6)   # exactly gcsfs's attempts
+      outcome = {}
+
+      def read(name, reader, index):
+        try:
+          outcome[name] = reader.read([(index, 128, 128)])[0]
+        except DataError as e:
+          outcome[name] = e
+      threads = [threading.Thread(target=read, args=("patient", patient, 0)),
+                 threading.Thread(target=read, args=("impatient", impatient, 1))]
+      for t in threads:
+        t.start()
+      for t in threads:
+        t.join(240)
+  finally:
+    proxy.set_faults(**NO_FAULTS)
+    gcs_server_lib.clear_filesystem_caches()
+  assert outcome["patient"] == expected
+  assert patient.retries >= 1 and patient.requests == 1 + patient.retries
+  error = outcome["impatient"]
+  assert isinstance(error, DataError), error
+  assert f"{data}/{names[1]} bytes [128, 256)" in str(error), error
+  assert "read_retry_minutes=0" in str(error) and "503" in str(error), error
+  assert impatient.retries == 0
+  print("the impatient reader's error:", error)
+  assert proxy.counts["http_503_outage"] >= 14, dict(proxy.counts)
+
+
+def test_read_connections_bound_the_requests_in_flight(proxy, prepared):
+  """config.data.read_connections is the loader client's pool: with 2 connections no more than
+  2 requests are in flight however many ranges one call asks for; with 16 they overlap."""
+  from tests import gcs_server as gcs_server_lib  # pylint: disable=import-outside-toplevel
+  _, data = prepared
+  peaks = {}
+  try:
+    with pytest.MonkeyPatch.context() as mp:
+      for connections in (2, 16):
+        reader, names = _reader_of(data, proxy, mp, connections=connections)
+        proxy.set_faults(**{**NO_FAULTS, "delay_s": 0.1})
+        proxy.counts["max_in_flight"] = 0
+        got = reader.read([(i % len(names), 128 + 32 * (i // len(names)), 32)
+                           for i in range(12)])
+        assert all(len(g) == 32 for g in got)
+        peaks[connections] = proxy.counts["max_in_flight"]
+  finally:
+    proxy.set_faults(**NO_FAULTS)
+    gcs_server_lib.clear_filesystem_caches()
+  assert peaks[2] == 2 and peaks[16] >= 8, peaks
+
+
+def test_only_transient_failures_are_retried():
+  import aiohttp  # pylint: disable=import-outside-toplevel
+  from gcsfs.retry import HttpError  # pylint: disable=import-outside-toplevel
+  from deberta_jax.data import retry  # pylint: disable=import-outside-toplevel
+  transient = [HttpError({"code": 503, "message": "x"}), HttpError({"code": 429, "message": "x"}),
+               aiohttp.ClientPayloadError("reset"), ConnectionResetError(), TimeoutError()]
+  permanent = [FileNotFoundError("gone"), PermissionError("no"),
+               HttpError({"code": 403, "message": "x"}), ValueError("bug")]
+  assert [retry.is_transient(e) for e in transient] == [True] * len(transient)
+  assert [retry.is_transient(e) for e in permanent] == [False] * len(permanent)
+  delays = [retry.delay_before(n) for n in range(1, 10)]
+  assert 0.5 <= delays[0] <= 1.0 and 30.0 <= delays[-1] <= 60.0

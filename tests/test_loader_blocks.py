@@ -194,11 +194,12 @@ def test_defaults_cut_requests_per_row_sixteenfold():
   assert max(later) <= 17, later
 
 
-@pytest.mark.parametrize("field", ["read_block_rows", "shuffle_window_blocks"])
-def test_config_refuses_a_block_setting_below_one(field):
+@pytest.mark.parametrize("field,value", [("read_block_rows", 0), ("shuffle_window_blocks", 0),
+                                         ("read_connections", 0), ("read_retry_minutes", -1.0)])
+def test_config_refuses_a_read_setting_out_of_range(field, value):
   from configs import tiny  # pylint: disable=import-outside-toplevel
   c = tiny.get_config()
-  c.data[field] = 0
+  c.data[field] = value
   with pytest.raises(config_lib.ConfigError, match=f"config.data.{field}"):
     config_lib.validate(c)
   assert isinstance(c, ml_collections.ConfigDict)

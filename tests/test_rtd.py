@@ -351,7 +351,8 @@ def test_source_fields_unset_values_are_the_config_defaults():
   every = {f for fields in config_lib.SOURCE_FIELDS.values() for f in fields}
   shared = {"source", "spm_model", "spm_vocab_size", "spm_max_sentences", "cache_dir",
             "part_mb", "read_threads", "prefetch_batches",
-            "prepare_wait_minutes", "read_block_rows", "shuffle_window_blocks"}  # every source
+            "prepare_wait_minutes", "read_block_rows", "shuffle_window_blocks",
+            "read_connections", "read_retry_minutes"}  # every source
   assert set(data.keys()) == every | shared
 
 

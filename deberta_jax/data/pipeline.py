@@ -74,7 +74,8 @@ class PreparedRows:
   """Random access to the rows of a prepared dataset (local directory or gs://)."""
 
   def __init__(self, directory: str, manifest: dict[str, Any] | None = None,
-               block_rows: int = DEFAULT_BLOCK_ROWS):
+               block_rows: int = DEFAULT_BLOCK_ROWS, connections: int = 100,
+               retry_minutes: float = 10.0):
     self.directory = storage.absolute(directory)
     self.manifest = manifest or shards.read_manifest(self.directory)
     shards.check_shard_sizes(self.directory, self.manifest)
@@ -88,7 +89,8 @@ class PreparedRows:
     self._starts = np.cumsum([0] + [s["sequences"] for s in entries]).tolist()
     self._start_array = np.asarray(self._starts, dtype=np.int64)
     self._headers = [int(s["header_bytes"]) for s in entries]
-    self._reader = storage.RangeReader([storage.join(self.directory, s["file"]) for s in entries])
+    self._reader = storage.RangeReader([storage.join(self.directory, s["file"]) for s in entries],
+                                       connections=connections, retry_minutes=retry_minutes)
     self._remote = storage.is_remote(self.directory)
     self.rows_read = 0  # data_bench: requests and CPU per row read
     self._count_lock = threading.Lock()
@@ -651,7 +653,10 @@ def make_pipeline(config: Any, process_index: int = 0, process_count: int = 1) -
                       f"not the model dataset {directory} was tokenised with "
                       f"({tokenizer.fingerprint}).")
   _check_vocab(config, tokenizer)
-  rows = PreparedRows(directory, manifest)
+  rows = PreparedRows(directory, manifest,
+                      connections=int(corpus_lib.cfg_get(config.data, "read_connections", 100)),
+                      retry_minutes=float(corpus_lib.cfg_get(config.data, "read_retry_minutes",
+                                                             10.0)))
   pipeline = Pipeline(rows, tokenizer, seed=int(config.seed), global_batch_size=global_batch_size,
                       process_index=process_index, process_count=process_count,
                       corpus_name=corpus_name, holdout_shards=holdout_shards(config, rows),

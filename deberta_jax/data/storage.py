@@ -14,10 +14,14 @@ import hashlib
 import os
 import shutil
 import threading
+import time
 import uuid
 from typing import Any, BinaryIO, Iterator
 
+from absl import logging
+
 from deberta_jax.data import DataError
+from deberta_jax.data import retry as retry_lib
 from deberta_jax.paths import absolute, is_remote
 
 __all__ = ["absolute", "is_remote", "join", "exists", "isfile", "isdir", "glob", "listdir",
@@ -177,6 +181,8 @@ def iter_lines(path: str, start: int = 0, stop: int | None = None) -> Iterator[b
 
 def _check_range(path: str, offset: int, length: int, data: Any) -> None:
   where = f"{path} bytes [{offset}, {offset + length})"
+  if isinstance(data, _GaveUp):
+    raise DataError(f"Reading {where} failed: {data}") from data.__cause__
   if isinstance(data, BaseException):
     raise DataError(f"Reading {where} failed: {type(data).__name__}: {data} (the file was "
                     f"deleted, replaced or cannot be reached)") from data
@@ -204,16 +210,27 @@ class RangeReader:
 
   Local files: one descriptor per file, shared by all threads (`os.pread` has no file position),
   with read-ahead turned off (POSIX_FADV_RANDOM): rows are read in shuffled order, and the kernel's
-  default read-ahead would fetch megabytes around every 2 KiB row of a cold file. Remote files:
-  fsspec's `cat_ranges`, which issues the range requests of one call concurrently.
+  default read-ahead would fetch megabytes around every 2 KiB row of a cold file.
+
+  Remote files: fsspec's `cat_ranges`, which issues the range requests of one call concurrently,
+  on a client of the reader's own with at most `connections` connections (gs://: the aiohttp pool
+  of a gcsfs instance not shared with the rest of the process, so checkpoint and metrics traffic
+  neither takes its connections nor is starved by it). Requests in flight are at most
+  `connections`; rows a second at a round trip of L seconds are then at most
+  connections x rows per request / L. A range that still fails after the client's own retries is
+  tried again while `retry_minutes` have not passed since its first attempt (data/retry.py).
   """
 
-  def __init__(self, paths: list[str]):
+  def __init__(self, paths: list[str], connections: int = 100, retry_minutes: float = 10.0):
     self.paths = list(paths)
+    self.connections = int(connections)
+    self.retry_minutes = float(retry_minutes)
     self._remote = bool(self.paths) and is_remote(self.paths[0])
     self._fds: dict[int, int] = {}
     self._lock = threading.Lock()
-    self.requests = 0  # ranges read so far (data_bench reports requests per row)
+    self._remote_fs = None
+    self.requests = 0  # ranges requested so far, retries included (data_bench: requests per row)
+    self.retries = 0   # ranges requested again after the client gave up on them
 
   def _fd(self, index: int) -> int:
     fd = self._fds.get(index)
@@ -227,22 +244,61 @@ class RangeReader:
           self._fds[index] = fd
     return fd
 
+  def _client(self):
+    with self._lock:
+      if self._remote_fs is None:
+        self._remote_fs = _reading_fs(self.paths[0], self.connections)
+      return self._remote_fs
+
   def read(self, requests: list[tuple[int, int, int]]) -> list[bytes]:
     """Bytes of each (file index, offset, length); DataError names the file and byte range of a
     read that failed or came back short (a shard deleted, replaced or truncated under a run)."""
     with self._lock:
       self.requests += len(requests)
     if self._remote:
-      # cat_ranges returns a failed range's exception in its place in the list (fsspec's
-      # on_error="return"), so each entry is checked rather than joined as bytes.
-      fs = _fs(self.paths[0])
-      out = fs.cat_ranges([self.paths[i] for i, _, _ in requests],
-                          [o for _, o, _ in requests], [o + n for _, o, n in requests])
+      out = self._read_remote(requests)
     else:
       out = [os.pread(self._fd(i), length, offset) for i, offset, length in requests]
     for (i, offset, length), data in zip(requests, out):
       _check_range(self.paths[i], offset, length, data)
     return out
+
+  def _read_remote(self, requests: list[tuple[int, int, int]]) -> list[Any]:
+    """cat_ranges, then the transient failures again with backoff until the bound has passed.
+    cat_ranges returns a failed range's exception in its place in the list (fsspec's
+    on_error="return"), so one bad range never costs the others of the batch."""
+    fs = self._client()
+    out: list[Any] = [None] * len(requests)
+    pending = list(range(len(requests)))
+    started = time.monotonic()
+    tries = 0
+    while True:
+      tries += 1
+      got = fs.cat_ranges([self.paths[requests[k][0]] for k in pending],
+                          [requests[k][1] for k in pending],
+                          [requests[k][1] + requests[k][2] for k in pending])
+      for k, data in zip(pending, got):
+        out[k] = data
+      pending = [k for k in pending
+                 if isinstance(out[k], BaseException) and retry_lib.is_transient(out[k])]
+      if not pending:
+        return out
+      wait = retry_lib.delay_before(tries)
+      elapsed = time.monotonic() - started
+      if elapsed + wait > 60 * self.retry_minutes:
+        for k in pending:
+          out[k] = _GaveUp(out[k], tries, elapsed, self.retry_minutes)
+        return out
+      i, offset, length = requests[pending[0]]
+      logging.warning("%d read(s) failed after the client's retries, e.g. %s bytes [%d, %d): "
+                      "%s: %s; again in %.1f s (%.0f s of config.data.read_retry_minutes=%g "
+                      "spent)", len(pending), self.paths[i], offset, offset + length,
+                      type(out[pending[0]]).__name__, out[pending[0]], wait, elapsed,
+                      self.retry_minutes)
+      with self._lock:
+        self.requests += len(pending)
+        self.retries += len(pending)
+      time.sleep(wait)
 
   def close(self) -> None:
     with self._lock:
@@ -250,8 +306,41 @@ class RangeReader:
         os.close(fd)
       self._fds.clear()
 
-  def __getstate__(self):  # worker processes open their own descriptors
-    return {"paths": self.paths}
+  def __getstate__(self):  # worker processes open their own descriptors and clients
+    return {"paths": self.paths, "connections": self.connections,
+            "retry_minutes": self.retry_minutes}
 
   def __setstate__(self, state):
-    self.__init__(state["paths"])
+    self.__init__(state["paths"], state.get("connections", 100),
+                  state.get("retry_minutes", 10.0))
+
+
+class _GaveUp(OSError):
+  """A transient failure that outlasted the retry bound: what DataError reports."""
+
+  def __init__(self, last: BaseException, attempts: int, elapsed_s: float, minutes: float):
+    rounds = f"{attempts} round{'s' if attempts != 1 else ''}"
+    super().__init__(f"{type(last).__name__}: {last} (still failing after {rounds} of the "
+                     f"client's retries over {elapsed_s:.0f} s; "
+                     f"config.data.read_retry_minutes={minutes:g})")
+    self.__cause__ = last
+
+
+def _reading_fs(path: str, connections: int):
+  """A client for `path`'s object store used only by one reader. For gs://, a gcsfs instance
+  (not fsspec's shared cached one) whose aiohttp pool holds at most `connections` connections;
+  the connector is made on fsspec's event loop, which aiohttp requires."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  protocol = path.split("://", 1)[0]
+  if protocol not in ("gs", "gcs"):
+    return _fs(path)
+  import aiohttp  # pylint: disable=import-outside-toplevel  # gcsfs's own HTTP client
+  from fsspec import asyn  # pylint: disable=import-outside-toplevel
+  loop = asyn.get_loop()
+
+  async def make_connector():
+    return aiohttp.TCPConnector(limit=connections)
+
+  connector = asyn.sync(loop, make_connector)
+  return fsspec.filesystem(protocol, skip_instance_cache=True, loop=loop,
+                           session_kwargs={"connector": connector})
