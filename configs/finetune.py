@@ -55,6 +55,12 @@ def get_config():
   c.eps = 1e-6
   c.clip_norm = 1.0
   c.cls_dropout = 0.1           # Table 11 "dropout of task layer" (before the classifier)
+  # 'cls' (the reference's ContextPooler on [CLS]) or 'mean' (over the real tokens, then the same
+  # dense + gelu); 'mean' cannot be exported as a transformers model (export_best=False).
+  c.pooling = "cls"
+  c.reinit_top_layers = 0       # > 0: the top N encoder layers start from a fresh init
+  c.layer_lr_decay = 1.0        # < 1: layer i of L trains at lr * decay^(L - i), embeddings lowest
+  c.head_lr_scale = 1.0         # the pooler and classifier train at lr * this
   c.pooler_dropout = 0.0        # before the pooler's dense (0 in the released HF configs)
   c.backbone_dropout = -1.0     # hidden/attention dropout of the encoder; < 0 keeps the model's
   c.model_dtype = "float32"     # compute dtype ('bfloat16' on GPU/TPU); parameters stay float32

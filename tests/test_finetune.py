@@ -332,3 +332,85 @@ def test_cli_bad_input_exits_2(case, needle, hf_dir, glue_dir, tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error:") and needle in last, last
+
+
+# ------------------------------------------------------------- pooling, re-init, per-group rates
+
+def test_mean_pooling_reads_only_the_real_tokens():
+  cfg = tiny_model_config(40)
+  ids = np.array([[1, 5, 6, 7, 2, 0, 0, 0]], np.int32)
+  mask = (ids != 0).astype(np.int32)
+  model = classifier_lib.SequenceClassifier(cfg, 2, cls_dropout=0.0, pooling="mean")
+  params = meta.unbox(model.init(jax.random.key(0), ids, mask)["params"])
+  # Padding more positions changes nothing; the [CLS] pooler of the same parameters differs.
+  longer = np.pad(ids, ((0, 0), (0, 8)))
+  got = model.apply({"params": params}, ids, mask)
+  chex.assert_trees_all_close(model.apply({"params": params}, longer, (longer != 0).astype(
+      np.int32)), got, atol=1e-5)
+  cls = classifier_lib.SequenceClassifier(cfg, 2, cls_dropout=0.0).apply({"params": params},
+                                                                           ids, mask)
+  assert not np.allclose(cls, got)
+  # By hand: the masked mean of the encoder's last hidden state through the pooler's dense.
+  hidden = DebertaEncoder(cfg).apply({"params": {k: params[k] for k in ("embeddings",
+                                                                        "encoder")}}, ids, mask)
+  hidden = np.asarray(hidden[0] if isinstance(hidden, tuple) else hidden)
+  pooled = hidden[0, :5].mean(0)
+  dense = params["pooler"]["dense"]
+  h = jax.nn.gelu(pooled @ dense["kernel"] + dense["bias"], approximate=False)
+  expected = h @ params["classifier"]["kernel"] + params["classifier"]["bias"]
+  chex.assert_trees_all_close(np.asarray(got)[0], np.asarray(expected), atol=1e-5)
+
+
+def test_reinit_top_layers_keeps_the_fresh_top_of_the_stack():
+  cfg = tiny_model_config(40)
+  ids = np.ones((1, 8), np.int32)
+  model = classifier_lib.SequenceClassifier(cfg, 2)
+  fresh = jax.device_get(meta.unbox(model.init(jax.random.key(0), ids)["params"]))
+  backbone = jax.tree.map(lambda x: x + 1.0, {k: fresh[k] for k in ("embeddings", "encoder")})
+  merged = classifier_lib.merge_backbone(fresh, backbone, reinit_top_layers=1)
+  chex.assert_trees_all_equal(merged["encoder"]["layer_1"], fresh["encoder"]["layer_1"])
+  chex.assert_trees_all_equal(merged["encoder"]["layer_0"], backbone["encoder"]["layer_0"])
+  chex.assert_trees_all_equal(merged["embeddings"], backbone["embeddings"])
+  chex.assert_trees_all_equal(merged["encoder"]["rel_embeddings"],
+                              backbone["encoder"]["rel_embeddings"])
+  every = classifier_lib.merge_backbone(fresh, backbone, reinit_top_layers=2)
+  chex.assert_trees_all_equal(every["encoder"]["layer_0"], fresh["encoder"]["layer_0"])
+
+
+def test_layer_lr_decay_and_head_scale_set_each_groups_rate():
+  scale = lambda *path: finetune.learning_rate_scale(path, 2, 0.5, 3.0)  # noqa: E731
+  chex.assert_equal(scale("classifier", "kernel"), 3.0)
+  chex.assert_equal(scale("pooler", "dense", "bias"), 3.0)
+  chex.assert_equal(scale("encoder", "layer_1", "output", "kernel"), 0.5)
+  chex.assert_equal(scale("encoder", "layer_0", "output", "kernel"), 0.25)
+  chex.assert_equal(scale("encoder", "rel_embeddings"), 0.125)
+  chex.assert_equal(scale("embeddings", "word_embeddings"), 0.125)
+  # In the optimizer: one SGD-like step of each group moves it by its own rate.
+  config = ft_config(**{"learning_rate": 1.0, "layer_lr_decay": 0.5, "head_lr_scale": 3.0,
+                        "weight_decay": 0.0, "clip_norm": 0.0, "warmup_steps": 1})
+  tx, _, _ = finetune.make_optimizer(config, total_steps=10, num_layers=2)
+  params = {"classifier": {"kernel": np.zeros(2)}, "embeddings": {"word_embeddings": np.zeros(2)},
+            "encoder": {"layer_0": {"w": np.zeros(2)}, "layer_1": {"w": np.zeros(2)}}}
+  grads = jax.tree.map(np.ones_like, params)
+  state = tx.init(params)
+  for _ in range(2):  # step 0 has rate 0 (warmup), step 1 the peak
+    updates, state = tx.update(grads, state, params)
+  moved = jax.tree.map(lambda u: float(-u[0]), updates)
+  ratio = {k: v / moved["classifier"]["kernel"] for k, v in
+           {"layer_1": moved["encoder"]["layer_1"]["w"], "layer_0": moved["encoder"]["layer_0"]["w"],
+            "embeddings": moved["embeddings"]["word_embeddings"]}.items()}
+  chex.assert_trees_all_close(ratio, {"layer_1": 0.5 / 3, "layer_0": 0.25 / 3,
+                                      "embeddings": 0.125 / 3}, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"pooling": "max"}, "config.pooling: 'max' is not one of"),
+    ({"pooling": "mean"}, "set config.export_best=False"),
+    ({"layer_lr_decay": 0.0}, "config.layer_lr_decay"),
+    ({"head_lr_scale": -1.0}, "config.head_lr_scale"),
+    ({"reinit_top_layers": -1}, "config.reinit_top_layers"),
+])
+def test_validate_refuses_bad_pooling_and_rates(overrides, needle):
+  with pytest.raises(finetune.FinetuneError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+    finetune.validate(ft_config(**{"init": "/x", **overrides}))
+  finetune.validate(ft_config(**{"init": "/x", "pooling": "mean", "export_best": False}))

@@ -377,12 +377,13 @@ def test_es_refuses_two_stage_update():
     config_lib.validate(_config("es", **{"rtd.update_mode": "two_stage"}))
 
 
-@pytest.mark.parametrize("name", ["tiny", "xsmall", "small", "base", "large", "base_analysis"])
+@pytest.mark.parametrize("name", ["tiny", "mini", "xsmall", "small", "base", "large",
+                                  "base_analysis"])
 def test_shipped_configs_validate(name):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{name}").get_config()
   config_lib.validate(config)
-  if name != "tiny":
+  if name not in ("tiny", "mini"):
     assert config.model.vocab_size == 128100
     assert config_lib.discriminator_config(config).head_size == 64
 

@@ -102,6 +102,14 @@ def validate(config) -> None:
   require(config.warmup_steps >= 0, "warmup_steps", "must be >= 0")
   require(0 <= config.cls_dropout < 1, "cls_dropout", "must be in [0, 1)")
   require(0 <= config.pooler_dropout < 1, "pooler_dropout", "must be in [0, 1)")
+  require(config.pooling in classifier_lib.POOLINGS, "pooling",
+          f"{config.pooling!r} is not one of {classifier_lib.POOLINGS}")
+  require(not (config.pooling != "cls" and config.export_best), "pooling",
+          f"{config.pooling!r} has no counterpart in transformers' "
+          "DebertaV2ForSequenceClassification (it pools [CLS]); set config.export_best=False")
+  require(config.reinit_top_layers >= 0, "reinit_top_layers", "must be >= 0")
+  require(0 < config.layer_lr_decay <= 1, "layer_lr_decay", "must be in (0, 1]")
+  require(config.head_lr_scale > 0, "head_lr_scale", "must be positive")
   require(config.backbone_dropout < 1, "backbone_dropout", "must be < 1 (< 0 keeps the model's)")
   require(config.model_dtype != "float16", "model_dtype", FLOAT16_REFUSED)
   require(config.model_dtype in ("float32", "bfloat16"), "model_dtype",
@@ -184,12 +192,46 @@ def _model_config(init: Init, config):
   return init.model_config.replace(**changes)
 
 
-def make_optimizer(config, total_steps: int):
+def learning_rate_scale(path, num_layers: int, layer_decay: float, head_scale: float) -> float:
+  """The factor on `learning_rate` of the parameter at `path` (a tuple of names).
+
+  Layer-wise decay: the task head gets `head_scale`, encoder layer i (0-based, of `num_layers`)
+  gets layer_decay ** (num_layers - i), and everything below the layers (the embeddings, the
+  relative-position table and its LayerNorm) layer_decay ** (num_layers + 1), so that what
+  pre-training learned first moves least (ELECTRA's and the DeBERTa fine-tuning recipes).
+  """
+  if path[0] in classifier_lib.HEAD_KEYS:
+    return head_scale
+  if path[0] == "encoder" and str(path[1]).startswith("layer_"):
+    return layer_decay ** (num_layers - int(str(path[1])[len("layer_"):]))
+  return layer_decay ** (num_layers + 1)
+
+
+def scale_by_parameter_group(num_layers: int, layer_decay: float,
+                             head_scale: float) -> optax.GradientTransformation:
+  """Multiplies each update by its `learning_rate_scale`: the optimizer's last step, so the
+  weight decay AdamW adds is scaled too, as a per-group learning rate would."""
+
+  def update(updates, state, params=None):
+    del params
+    def scale(path, u):
+      names = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+      return u * learning_rate_scale(names, num_layers, layer_decay, head_scale)
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(config, total_steps: int, num_layers: int = 0):
   """(optimizer, schedule, warmup steps): the pre-training optimizer with the fine-tuning
-  config's hyper-parameters; warmup_steps, else warmup_proportion of the run."""
+  config's hyper-parameters; warmup_steps, else warmup_proportion of the run; then the
+  per-group scale of `layer_lr_decay` and `head_lr_scale` when either is not 1."""
   warmup = config.warmup_steps or int(round(config.warmup_proportion * total_steps))
   warmup = min(warmup, total_steps)
   tx, schedule = optim.make_optimizer(config, config.learning_rate, warmup, total_steps)
+  if config.layer_lr_decay != 1.0 or config.head_lr_scale != 1.0:
+    tx = optax.chain(tx, scale_by_parameter_group(num_layers, config.layer_lr_decay,
+                                                  config.head_lr_scale))
   return tx, schedule, warmup
 
 
@@ -217,13 +259,13 @@ def run(config, workdir: str, init: Init | None = None) -> dict:
   data = load_data(config, tokenizer)
   model_config = _model_config(init, config)
   model = classifier_lib.SequenceClassifier(model_config, task.num_labels, config.cls_dropout,
-                                            config.pooler_dropout)
+                                            config.pooler_dropout, config.pooling)
 
   # --- 2. Mesh, optimizer, state (sharded by the logical-axis rules, as pre-training), steps.
   mesh = _mesh(config)
   steps_per_epoch = -(-len(data.train) // config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
-  tx, schedule, warmup = make_optimizer(config, total_steps)
+  tx, schedule, warmup = make_optimizer(config, total_steps, model_config.num_layers)
   state, shardings = init_state(model, tx, config, mesh, data.train.seq_len, init)
   train_fn, eval_fn = jit_steps(model, tx, task.is_regression, config.seed, mesh, shardings)
   batches = Batches(mesh)
@@ -311,7 +353,8 @@ def init_state(model, tx, config, mesh, seq_len: int, init: Init):
     param_shardings, opt_shardings = sharding.logical_to_sharding(abstract, mesh)
     fresh = jax.jit(lambda k: meta.unbox(init_boxed(k)[0]))(key)
   try:
-    params = classifier_lib.merge_backbone(init_from.host_copy(fresh), init.params)
+    params = classifier_lib.merge_backbone(init_from.host_copy(fresh), init.params,
+                                          config.reinit_top_layers)
   except ValueError as e:
     raise FinetuneError(f"config.init={init.path!r}: {e}") from e
   params = jax.device_put(params, param_shardings)

@@ -8,7 +8,8 @@ as transformers' DebertaV2ForSequenceClassification (pooler_dropout p, 0 in the 
 configs; cls_dropout c, "dropout of task layer" in the paper's Table 11). The parameter tree is
 the backbone's (`embeddings`, `encoder`) plus `pooler/dense` and `classifier`, the HF names, so
 `hf.save_sequence_classifier` writes a directory that `DebertaV2ForSequenceClassification.from_pretrained`
-loads without missing keys.
+loads without missing keys. `pooling='mean'` (the masked mean of `hidden` in place of
+`hidden[:, 0]`) is the one variant with no transformers counterpart.
 """
 
 from __future__ import annotations
@@ -27,19 +28,33 @@ from deberta_jax.models.encoder import Embeddings
 from deberta_jax.models.encoder import Encoder
 
 BACKBONE_KEYS = ("embeddings", "encoder")
+POOLINGS = ("cls", "mean")
 HEAD_KEYS = ("pooler", "classifier")
 
 
 class ContextPooler(nn.Module):
-  """dropout -> dense(H) -> gelu on the first ([CLS]) position."""
+  """dropout -> dense(H) -> gelu on the [CLS] state, or with `pooling='mean'` on the mean of
+  the real tokens' states.
+
+  The mean exists because a discriminator pre-trained by RTD alone never trains its [CLS] state
+  for anything: pooling the tokens it did learn to read costs a fresh classifier less to undo
+  (docs/benchmarks.md, "The mini recipe"). transformers' DebertaV2ForSequenceClassification
+  only pools [CLS], so only that pooling can be exported.
+  """
 
   config: ModelConfig
   dropout: float = 0.0
+  pooling: str = "cls"
 
   @nn.compact
-  def __call__(self, hidden, deterministic: bool):
+  def __call__(self, hidden, attention_mask, deterministic: bool):
     cfg = self.config
-    context = layers.Dropout(self.dropout)(hidden[:, 0], deterministic=deterministic)
+    if self.pooling == "mean":
+      weights = attention_mask.astype(hidden.dtype)[..., None]
+      pooled = jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
+    else:
+      pooled = hidden[:, 0]
+    context = layers.Dropout(self.dropout)(pooled, deterministic=deterministic)
     return layers.gelu(layers.dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(context))
 
 
@@ -53,11 +68,12 @@ class SequenceClassifier(nn.Module):
   num_labels: int
   cls_dropout: float = 0.1
   pooler_dropout: float = 0.0
+  pooling: str = "cls"
 
   def setup(self):
     self.embeddings = Embeddings(self.config)
     self.encoder = Encoder(self.config)
-    self.pooler = ContextPooler(self.config, self.pooler_dropout)
+    self.pooler = ContextPooler(self.config, self.pooler_dropout, self.pooling)
     self.dropout = layers.Dropout(self.cls_dropout)
     self.classifier = layers.dense(self.config, self.num_labels, ("mlp", None), "classifier")
 
@@ -66,22 +82,27 @@ class SequenceClassifier(nn.Module):
       attention_mask = jnp.ones_like(input_ids)
     x, _, _ = self.embeddings(input_ids, attention_mask, deterministic)
     hidden, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic)
-    pooled = self.pooler(hidden, deterministic)
+    pooled = self.pooler(hidden, attention_mask, deterministic)
     pooled = self.dropout(pooled, deterministic=deterministic)
     return self.classifier(pooled).astype(jnp.float32)
 
 
-def merge_backbone(params: Mapping[str, Any], backbone: Mapping[str, Any]) -> dict:
-  """`params` (a fresh classifier tree) with its embeddings/encoder replaced by `backbone`'s.
+def merge_backbone(params: Mapping[str, Any], backbone: Mapping[str, Any],
+                   reinit_top_layers: int = 0) -> dict:
+  """`params` (a fresh classifier tree) with its embeddings/encoder replaced by `backbone`'s,
+  except the top `reinit_top_layers` encoder layers, which keep their fresh values (a remedy
+  for pre-trained top layers too specialised to their pre-training task).
 
   Raises ValueError naming the first parameter whose shape differs or that the backbone lacks;
   heads the backbone carries (RTD `mask_predictions`, MLM `lm_head`) are ignored.
   """
   ours = traverse_util.flatten_dict(dict(params))
   theirs = traverse_util.flatten_dict({k: backbone[k] for k in BACKBONE_KEYS if k in backbone})
+  depth = len({p[1] for p in ours if p[0] == "encoder" and p[1].startswith("layer_")})
+  fresh_layers = {f"layer_{i}" for i in range(depth - reinit_top_layers, depth)}
   out = {}
   for path, value in ours.items():
-    if path[0] in HEAD_KEYS:
+    if path[0] in HEAD_KEYS or (path[0] == "encoder" and path[1] in fresh_layers):
       out[path] = value
       continue
     if path not in theirs:
