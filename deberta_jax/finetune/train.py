@@ -222,7 +222,7 @@ def scale_by_parameter_group(num_layers: int, layer_decay: float,
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(config, total_steps: int, num_layers: int = 0):
+def make_optimizer(config, total_steps: int, num_layers: int):
   """(optimizer, schedule, warmup steps): the pre-training optimizer with the fine-tuning
   config's hyper-parameters; warmup_steps, else warmup_proportion of the run; then the
   per-group scale of `layer_lr_decay` and `head_lr_scale` when either is not 1."""
