@@ -35,7 +35,9 @@ def get_config():
   # spm.model) or a Hugging Face DebertaV2 directory (config.json, model.safetensors or
   # pytorch_model.bin, spm.model).
   c.init = ""
-  c.init_step = -1              # checkpoint step of a pre-training workdir; -1 = the newest
+  # Checkpoint step of a pre-training workdir; -1 = the newest; 0 = the random init its run
+  # started from (recomputed from its config: the no-pre-training control, same tokenizer).
+  c.init_step = -1
   c.glue_dir = ""               # directory of GLUE TSV files (GLUE_DIR/SST-2/train.tsv ...);
   c.tfds_data_dir = ""          # '' glue_dir: read tfds glue/<task> (array_record) from here
   c.max_seq_length = 128

@@ -94,6 +94,12 @@ def spm_model(workdir: str) -> str | None:
   return path if storage.isfile(path) else None
 
 
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a pre-training workdir's run was started with (its config.json)."""
+  return ml_collections.ConfigDict(json.loads(storage.read_bytes(storage.join(workdir,
+                                                                             CONFIG_FILE))))
+
+
 def load(workdir: str, step: int | None = None):
   """(run config, RTDModel, params as numpy, restored step) of a pre-training workdir.
 
@@ -103,8 +109,7 @@ def load(workdir: str, step: int | None = None):
   if not is_pretraining_workdir(workdir):
     raise errors.WorkdirError(f"{workdir} is not a pre-training workdir (needs config.json with "
                               f"a 'model' section and checkpoints/)")
-  config = ml_collections.ConfigDict(json.loads(storage.read_bytes(storage.join(workdir,
-                                                                                CONFIG_FILE))))
+  config = read_config(workdir)
   try:
     restored_step, params = checkpointing.load_params(workdir, step)
   except checkpointing.CheckpointError as e:

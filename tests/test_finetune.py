@@ -310,6 +310,27 @@ def test_init_from_pretraining_workdir_uses_the_gdes_embedding(tmp_path):
   assert np.asarray(model.apply({"params": merged}, ids)).shape == (1, 3)
 
 
+def test_init_step_0_is_the_initialisation_the_run_started_from(tmp_path):
+  """`init_step=0` recomputes the parameters of the run's step 0 from its config: the checkpoint
+  here holds them with one layer shifted by 1, and step 0 must give them back unshifted."""
+  from tests.test_analyze import make_workdir  # pylint: disable=g-import-not-at-top
+
+  def shift(params):
+    params["discriminator"]["encoder"]["layer_1"]["output"]["kernel"] += 1.0
+    return params
+
+  workdir = make_workdir(str(tmp_path / "run"), "gdes", shift, step=5)
+  open(os.path.join(workdir, "spm.model"), "wb").close()
+  trained, initial = finetune.load_init(workdir), finetune.load_init(workdir, 0)
+  assert (trained.step, initial.step) == (5, 0)
+  assert initial.spm_model == trained.spm_model
+  kernel = lambda init: init.params["encoder"]["layer_1"]["output"]["kernel"]
+  np.testing.assert_allclose(kernel(initial), kernel(trained) - 1.0, atol=1e-6)
+  chex.assert_trees_all_equal(
+      {k: v for k, v in initial.params.items() if k != "encoder"},
+      {k: v for k, v in trained.params.items() if k != "encoder"})
+
+
 # ------------------------------------------------------------------------------------- bad input
 
 def _cli(*args):

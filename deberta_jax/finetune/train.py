@@ -46,8 +46,10 @@ from deberta_jax.finetune import glue
 from deberta_jax.finetune import glue_metrics
 from deberta_jax.models import classifier as classifier_lib
 from deberta_jax.models.config import ATTENTION_IMPLS
+from deberta_jax.models.rtd import RTDModel
 from deberta_jax.pretraining import init_from
 from deberta_jax.pretraining import optim
+from deberta_jax.pretraining import train_step as pretrain_step
 from deberta_jax.runtime import distributed
 from deberta_jax.runtime import sharding
 
@@ -143,6 +145,8 @@ def load_init(path: str, step: int | None = None) -> Init:
   spm = storage.join(path, workdir_lib.SPM_FILE if kind == "pretraining_workdir" else hf.SPM_FILE)
   if not storage.isfile(spm):
     raise FinetuneError(f"config.init={path!r} has no {os.path.basename(spm)} (the tokenizer)")
+  if kind == "pretraining_workdir" and step == 0:
+    return initial_init(path)
   if kind == "pretraining_workdir":
     return init_from_workdir(path, *workdir_lib.load(path, step))
   model_config, params = hf.load_pretrained(path)
@@ -155,6 +159,16 @@ def init_from_workdir(path: str, run_config, model, params, step: int) -> Init:
   disc = jax.tree.map(np.asarray, jax.device_get(model.export_discriminator_params(params)))
   return Init("pretraining_workdir", path, model.discriminator_config, disc,
               storage.join(path, workdir_lib.SPM_FILE), step, run_config.model.embedding_sharing)
+
+
+def initial_init(path: str) -> Init:
+  """Step 0 of a pre-training workdir: the parameters its run started from, recomputed from its
+  config.json (config.seed), with its tokenizer. Fine-tuned, this is the control a pre-training
+  recipe is judged against: the same network, vocabulary and seed, without the pre-training."""
+  run_config = workdir_lib.read_config(path)
+  model = RTDModel.from_config(run_config)
+  params = jax.device_get(meta.unbox(pretrain_step.initial_params(model, run_config)))
+  return init_from_workdir(path, run_config, model, params, 0)
 
 
 # --------------------------------------------------------------------------------------- data

@@ -62,9 +62,23 @@ def _optimizer(config, peak_learning_rate: float) -> optax.GradientTransformatio
                               o.end_learning_rate)[0]
 
 
+def _state_rngs(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(the parameters' key, the run's key): the one split of config.seed's key."""
+  params_rng, run_rng = jax.random.split(rng)
+  return params_rng, run_rng
+
+
+def initial_params(model: RTDModel, config) -> dict:
+  """The parameters (boxed) a run of `config` starts from, exactly as `init_state` draws them
+  from config.seed: what fine-tuning 'step 0' of a run means, the no-pre-training control with
+  the run's own config and tokenizer."""
+  params_rng, _ = _state_rngs(jax.random.key(config.seed))
+  return jax.jit(model.init, static_argnums=1)(params_rng, config.seq_len)
+
+
 def init_state(model: RTDModel, optimizers, config, rng: jax.Array) -> TrainState:
   """A fresh state (parameters boxed with logical axis names; unbox before use)."""
-  init_rng, run_rng = jax.random.split(rng)
+  init_rng, run_rng = _state_rngs(rng)
   params = model.init(init_rng, config.seq_len)
   if "joint" in optimizers:
     opt_state = {"joint": optimizers["joint"].init(params)}
