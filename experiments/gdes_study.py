@@ -133,11 +133,14 @@ def pretrain_config(base, corpus_path: str | None, mode: str, seed: int, cache_d
   return c
 
 
-def finetune_config(spec: dict, init: str, seed: int, dtype: str):
+def finetune_config(spec: dict, init: str, init_step: int, seed: int, dtype: str):
+  """The fine-tuning config of one run; `init_step` 0 for no pre-training, -1 (the newest
+  checkpoint) otherwise, so that results.json's config reproduces the run on its own."""
   from configs import finetune as finetune_configs  # pylint: disable=import-outside-toplevel
   c = finetune_configs.get_config()
   c.task = spec["task"]
   c.init = init
+  c.init_step = init_step
   c.glue_dir = _GLUE_DIR.value
   c.seed = seed
   c.num_epochs = spec["epochs"]
@@ -221,7 +224,7 @@ class Study:
   def finetune_all(self, init, seed: int, out_root: str, dtype: str) -> dict:
     results = {}
     for spec in self.specs:
-      config = finetune_config(spec, init.path, seed, dtype)
+      config = finetune_config(spec, init.path, 0 if init.step == 0 else -1, seed, dtype)
       out = os.path.join(out_root, f"ft_{spec['name']}")
       path = os.path.join(out, self.finetune.RESULTS_FILE)
       result = None

@@ -48,6 +48,7 @@ LONGEST_FIRST = ("test_train.py",            # ~410 s
                  "test_finetune_hosts.py",   # ~85
                  "test_init_from.py",        # ~80
                  "test_layers.py",           # ~100
+                 "test_gdes_study.py",       # ~60
                  "test_gcs_faults.py",       # ~50
                  "test_bench.py",            # ~65
                  "test_finetune.py",         # ~50

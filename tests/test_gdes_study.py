@@ -158,8 +158,9 @@ def test_a_small_study_end_to_end_resumes_and_renders(tmp_path, glue_dir):
     assert 0.0 <= corpus["runs"][name]["finetune"]["sst2_64"]["score"] <= 1.0
   # No pre-training is step 0 of the seed's run: its fine-tuning started from that.
   with open(workdir / "glue" / "none_s1" / "ft_sst2_64" / "results.json") as f:
-    init = json.load(f)["init"]
-  assert init["step"] == 0 and init["path"].endswith("gdes_s1")
+    results = json.load(f)
+  assert results["init"]["step"] == 0 and results["init"]["path"].endswith("gdes_s1")
+  assert results["config"]["init_step"] == 0   # its config alone reproduces it
   page = out.read_text()
   assert (tmp_path / "docs" / "study_glue.png").stat().st_size > 0
   assert "| GDES - no pre-training |" in page and "--config.num_train_steps=4" in page
