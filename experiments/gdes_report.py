@@ -224,6 +224,7 @@ def plot(study: dict, corpus_key: str, path: str) -> str | None:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   except ImportError:
     return None
   corpus = study["corpora"][corpus_key]
@@ -245,6 +246,9 @@ def plot(study: dict, corpus_key: str, path: str) -> str | None:
                 label=reference.replace("eval_", "").replace("_", " "))
     if key == "eval_disc_effective_rank":
       ax.set_yscale("log")   # from ~45 at initialisation down to ~10: both ends readable
+      ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+      ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+      ax.set_yticks([2, 5, 10, 20, 50])
     ax.set_title(label, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
