@@ -196,20 +196,25 @@ def claims(study: dict, corpus: dict) -> list[dict]:
 
 
 def pretraining_margin(study: dict, corpus: dict) -> list[dict]:
-  """Per fine-tuning task: the best mode (highest mean) against no pre-training, paired."""
+  """Per fine-tuning task: the best mode against no pre-training, paired by seed.
+
+  The best mode is the highest mean over the seeds that every row has finished, so that a mode
+  is not picked (or passed over) for the seeds it happens to have while a study is part-way.
+  """
   out = []
   if "none" not in rows(study, corpus):
     return out
   for spec in study.get("finetune", []):
     score = lambda r, name=spec["name"]: finetune_score(r, name)
-    means = {m: describe(list(per_seed(corpus, m, score).values())) for m in study["modes"]}
-    means = {m: s for m, s in means.items() if s}
-    if not means:
+    by_mode = {m: per_seed(corpus, m, score) for m in (*study["modes"], "none")}
+    common = set.intersection(*(set(v) for v in by_mode.values()))
+    if not common:
       continue
-    best = max(means, key=lambda m: means[m]["mean"])
-    interval = paired_interval(per_seed(corpus, best, score), per_seed(corpus, "none", score))
+    means = {m: float(np.mean([by_mode[m][s] for s in common])) for m in study["modes"]}
+    best = max(means, key=means.get)
+    interval = paired_interval(by_mode[best], by_mode["none"])
     if interval:
-      out.append({"spec": spec, "best": best, "interval": interval,
+      out.append({"spec": spec, "best": best, "chosen_on": sorted(common), "interval": interval,
                   "verdict": {1: "pays off", -1: "worse than no pre-training",
                               0: "not resolved"}[side(interval)]})
   return out
@@ -293,6 +298,21 @@ def _minutes(seconds: float | None) -> str:
   return "-" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+def _hours(seconds: float) -> str:
+  return f"{seconds / 3600:.2f} h"
+
+
+def run_time(study: dict) -> dict:
+  """Seconds of pre-training and fine-tuning the study's runs recorded, over every corpus and
+  every invocation (a run's pre-training time sums the invocations that trained it)."""
+  total = {"pretrain": 0.0, "finetune": 0.0}
+  for corpus in study["corpora"].values():
+    for run in corpus["runs"].values():
+      total["pretrain"] += run.get("wall_time_s") or 0.0
+      total["finetune"] += sum(f.get("wall_time_s") or 0.0 for f in run["finetune"].values())
+  return total
+
+
 def render(study: dict, out_path: str, pngs: dict) -> str:
   lines = _setup(study, out_path)
   for key in study["corpora"]:
@@ -305,7 +325,7 @@ def _setup(study: dict, out_path: str) -> list[str]:
   cfg = study["pretrain_config"]
   m, hw, ft = cfg["model"], study["hardware"], study["ft_settings"]
   tokens = cfg["num_train_steps"] * cfg["global_batch_size"] * cfg["seq_len"]
-  phase = study["phase_time_s"]
+  phase, run_time_s = study["phase_time_s"], run_time(study)
   json_name = os.path.basename(os.path.splitext(out_path)[0]) + ".json"
   lines = [
       "# GDES study: ES vs NES vs GDES vs no pre-training", "",
@@ -316,11 +336,12 @@ def _setup(study: dict, out_path: str) -> list[str]:
       f"| command | `{study['command']}` |",
       f"| hardware | {hw['devices']} x {hw['device_kind']} ({hw['backend']}), {hw['cpu_count']} "
       f"CPU cores, jax {hw['jax']} |",
-      f"| wall time | {_minutes(study.get('wall_time_s'))} in the last invocation "
-      f"(pre-training {_minutes(phase['pretrain'])}, embedding analysis "
-      f"{_minutes(phase['analysis'])}, fine-tuning {_minutes(phase['finetune'])}); runs made "
-      "by earlier invocations of the resumable study are not in it, each run's own time is in "
-      "the JSON |",
+      f"| wall time | {_hours(run_time_s['pretrain'] + run_time_s['finetune'])} summed over the "
+      f"runs' own records (pre-training {_hours(run_time_s['pretrain'])}, fine-tuning "
+      f"{_hours(run_time_s['finetune'])}), across the invocations of the resumable study; the "
+      f"last invocation took {_minutes(study.get('wall_time_s'))} (pre-training "
+      f"{_minutes(phase['pretrain'])}, embedding analysis {_minutes(phase['analysis'])}, "
+      f"fine-tuning {_minutes(phase['finetune'])}) |",
       f"| pre-training config | `{study['config_file']}`"
       + (f" with `{' '.join(study['config_overrides'])}`" if study.get("config_overrides")
          else "") + " |",
@@ -472,8 +493,9 @@ def _corpus_sections(study: dict, key: str, png: str | None) -> list[str]:
     lines.append("")
   margins = pretraining_margin(study, corpus)
   if margins:
-    lines += ["**Pre-training against none** (the best mode per task, paired by seed, x 100):",
-              ""]
+    lines += ["**Pre-training against none** (x 100, paired by seed). The best mode per task is the "
+              "highest mean on the seeds every row has finished; it is picked on the same scores, "
+              "so its interval leans optimistic:", ""]
     for item in margins:
       lines.append(f"- {spec_label(item['spec'])}: {MODE_NAMES[item['best']]} - no pre-training "
                    f"{_fmt_interval(item['interval'], 1, 100.0)}: {item['verdict']}")

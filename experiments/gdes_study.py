@@ -200,18 +200,26 @@ class Study:
   def pretrain(self, config, workdir: str) -> dict:
     done = config.num_train_steps in self.checkpointing.committed_steps(
         os.path.join(workdir, "checkpoints"))
-    timing = os.path.join(workdir, "study_wall_time.json")   # kept for the reruns that skip it
+    # The run's wall time, summed over the invocations that trained it: a stopped study
+    # resumes runs part-way, and the reruns that find a run done read the time from here.
+    timing = os.path.join(workdir, "study_wall_time.json")
+    recorded = {}
+    if os.path.isfile(timing):
+      with open(timing) as f:
+        recorded = json.load(f)
+    parts = recorded.get("parts_s", [recorded["wall_time_s"]] if recorded else [])
     if not done:
       logging.info("pre-training %s seed %d -> %s", config.model.embedding_sharing, config.seed,
                    workdir)
       start = time.time()
-      self.train.run(config, workdir)
-      with open(timing, "w") as f:
-        json.dump({"wall_time_s": time.time() - start}, f)
-    wall_time = None
-    if os.path.isfile(timing):
-      with open(timing) as f:
-        wall_time = json.load(f)["wall_time_s"]
+      try:
+        self.train.run(config, workdir)
+      finally:   # also when stopped: the part it trained counts toward the run
+        parts = [*parts, time.time() - start]
+        os.makedirs(workdir, exist_ok=True)
+        with open(timing, "w") as f:
+          json.dump({**recorded, "wall_time_s": sum(parts), "parts_s": parts}, f)
+    wall_time = sum(parts) if parts else None
     records = self.metrics.read_metrics(workdir)
     keys = {k for r in records for k in r if k.startswith("eval_")}
     speeds = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]

@@ -102,12 +102,21 @@ def test_claims_and_margin_on_a_study_built_to_known_answers(tmp_path):
   assert [(m["spec"]["name"], m["best"], m["verdict"]) for m in margins] == [
       ("sst2_2000", "es", "pays off"), ("cola_all", "gdes", "pays off")]
   chex.assert_trees_all_close(margins[0]["interval"]["mean"], 0.10, atol=0.01)
+  # Part-way through a study the best mode is picked on the seeds every row has: here ES lacks
+  # seed 2, where GDES would otherwise win SST-2 on a seed ES never ran.
+  partial = {**corpus, "runs": {k: v for k, v in corpus["runs"].items() if k != "es_s2"}}
+  partial["runs"]["gdes_s2"] = {**partial["runs"]["gdes_s2"], "finetune": {
+      "sst2_2000": {"score": 0.99}, "cola_all": {"score": 0.12}}}
+  first = report.pretraining_margin(study, partial)[0]
+  assert (first["best"], first["chosen_on"]) == ("es", [0, 1])
 
   png = report.plot(study, "glue", str(tmp_path / "curves.png"))
   with open(png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   page = report.render(study, "/tmp/x/gdes_study.md", {"glue": png})
   assert "![held-out curves, glue](curves.png)" in page
+  assert report.run_time(study) == {"pretrain": 9 * 60.0, "finetune": 0.0}
+  assert "| wall time | 0.15 h summed over the runs' own records" in page
   for needle in ("## Corpus: in-domain", "### Figure 2 analogue", "### Table 1 analogue",
                  "### Table 2 analogue", "| GDES - no pre-training |",
                  "**GDES fine-tunes best (Table 2): contradicted**",
@@ -154,6 +163,10 @@ def test_a_small_study_end_to_end_resumes_and_renders(tmp_path, glue_dir):
   gdes = corpus["runs"]["gdes_s0"]
   assert [s for s, _ in gdes["eval"]["eval_rtd_auc"]] == [0, 2, 4]
   assert {"E_G", "E_D", "E_delta"} <= set(gdes["analysis"])
+  # A run's pre-training time is what the invocations that trained it took, kept in its workdir.
+  with open(workdir / "glue" / "gdes_s0" / "study_wall_time.json") as f:
+    timing = json.load(f)
+  assert len(timing["parts_s"]) == 1 and gdes["wall_time_s"] == sum(timing["parts_s"]) > 0
   for name in ("gdes_s0", "none_s1"):
     assert 0.0 <= corpus["runs"][name]["finetune"]["sst2_64"]["score"] <= 1.0
   # No pre-training is step 0 of the seed's run: its fine-tuning started from that.
