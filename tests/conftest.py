@@ -1,5 +1,6 @@
-"""Test session set-up: 8 fake CPU devices, configured before anything imports jax, one
-persistent compilation cache per test process, and the longest test files first."""
+"""Test session set-up: 8 fake CPU devices and XLA's collective timeout, configured before
+anything imports jax, one persistent compilation cache per test process, and the longest test
+files first."""
 
 import os
 
@@ -7,6 +8,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
+
+# The 8 devices share 2 cores with a second test process: XLA's default collective timeout would
+# abort a test whose devices wait for each other under that load (cpu_devices.py says why).
+from deberta_jax.runtime import cpu_devices  # pylint: disable=wrong-import-position
+cpu_devices.relax_collective_timeout()
 
 
 import pytest  # pylint: disable=wrong-import-position

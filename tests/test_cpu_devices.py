@@ -41,18 +41,34 @@ def test_device_count(batch, cores, mesh, want):
 
 
 def _devices_seen(xla_flags, cores):
-  code = ("from configs import tiny; from deberta_jax.runtime import cpu_devices; "
+  """apply's result, the collective timeout it leaves in XLA_FLAGS ('-': none), and the device
+  count jax then starts with (XLA aborts at start-up on a flag it does not define)."""
+  code = ("import os, re; from configs import tiny; from deberta_jax.runtime import cpu_devices; "
           f"print(cpu_devices.apply(tiny.get_config(), cores={cores})); "
-          "import jax; print(jax.device_count())")
+          "m = re.search(cpu_devices.COLLECTIVE_TIMEOUT_FLAG + '=(\\d+)', os.environ['XLA_FLAGS']);"
+          "print(m.group(1) if m else '-'); import jax; print(jax.device_count())")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300, check=True)
   return out.stdout.split()
 
 
-def test_apply_sets_the_count_before_jax_starts():
-  # tiny's global batch is 16: of 3 cores, 2 devices.
-  assert _devices_seen("", cores=3) == ["2", "2"]
+def test_apply_sets_the_count_and_the_collective_timeout_before_jax_starts():
+  # tiny's global batch is 16: of 3 cores, 2 devices, which wait for each other at collectives.
+  timeout = (str(cpu_devices.COLLECTIVE_TIMEOUT_SECONDS)
+             if cpu_devices.xla_knows_flag(cpu_devices.COLLECTIVE_TIMEOUT_FLAG) else "-")
+  assert _devices_seen("", cores=3) == ["2", timeout, "2"]
+
+
+@pytest.mark.parametrize("flag", [cpu_devices.COLLECTIVE_TIMEOUT_FLAG,
+                                  # a DebugOptions field whose flag has another name (jaxlib 0.10)
+                                  "--xla_cpu_collective_call_warn_stuck_seconds",
+                                  "--xla_no_such_flag_anywhere"])
+def test_xla_knows_flag_agrees_with_xla(flag):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{flag}=600"}
+  started = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                           capture_output=True, text=True, timeout=300)
+  assert cpu_devices.xla_knows_flag(flag) == (started.returncode == 0), started.stderr[-500:]
 
 
 def test_one_device_configs_leave_the_host_alone():
@@ -65,4 +81,4 @@ def test_one_device_configs_leave_the_host_alone():
 
 
 def test_apply_leaves_a_count_set_in_xla_flags_alone():
-  assert _devices_seen("--xla_force_host_platform_device_count=5", cores=3) == ["None", "5"]
+  assert _devices_seen("--xla_force_host_platform_device_count=5", cores=3) == ["None", "-", "5"]

@@ -11,16 +11,29 @@ per-config choice (figures in docs/CHANGELOG.md and docs/benchmarks.md).
 
 The device count is an XLA flag read once, when JAX starts its CPU backend, so `apply` must run
 before jax is imported. On GPU/TPU hosts the flag only shapes the unused CPU backend.
+
+Devices that share the host's cores also wait for each other at every collective of the step.
+XLA:CPU ends the process (SIGABRT) when one device waits longer than its stuck warning plus its
+termination timeout, 20 s + 40 s by default. On a loaded machine (a test suite or a second run
+beside the training) a device's thread can be kept off the cores that long without any
+deadlock, and the run died at an evaluation with its progress since the last checkpoint lost.
+`relax_collective_timeout` gives XLA ten minutes instead: a stall that heals lets the run go on,
+a real deadlock still ends it.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import logging
 import math
+import mmap
 import os
 import sys
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+COLLECTIVE_TIMEOUT_SECONDS = 600
 
 
 def available_cores() -> int:
@@ -71,6 +84,7 @@ def apply(config, cores: int | None = None) -> int | None:
                     "count could be set; the host stays one device", count)
     return None
   set_host_device_count(count)
+  relax_collective_timeout()
   return count
 
 
@@ -80,3 +94,40 @@ def set_host_device_count(count: int) -> None:
   kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
           if not flag.startswith(DEVICE_COUNT_FLAG)]
   os.environ["XLA_FLAGS"] = " ".join(kept + [f"{DEVICE_COUNT_FLAG}={count}"])
+
+
+def relax_collective_timeout(seconds: int = COLLECTIVE_TIMEOUT_SECONDS) -> bool:
+  """Adds XLA:CPU's collective termination timeout to XLA_FLAGS unless it is set already or the
+  installed jaxlib does not know the flag; returns whether the flag is in XLA_FLAGS now."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if COLLECTIVE_TIMEOUT_FLAG in flags:
+    return True
+  if not xla_knows_flag(COLLECTIVE_TIMEOUT_FLAG):
+    return False
+  os.environ["XLA_FLAGS"] = " ".join(flags.split() + [f"{COLLECTIVE_TIMEOUT_FLAG}={seconds}"])
+  return True
+
+
+def xla_knows_flag(flag: str) -> bool:
+  """Whether the installed jaxlib's XLA defines `flag`, found without importing jax.
+
+  XLA aborts at start-up on a flag it does not define, and its CPU collective flags were renamed
+  between releases. A defined flag's name is a string of its own in jaxlib's shared library,
+  NUL on both sides; a DebugOptions field that no flag sets appears only inside the serialised
+  proto descriptors, with a length prefix (jaxlib 0.10: `..._warn_stuck_seconds` is such a
+  field, its flag is `..._warn_stuck_timeout_seconds`). This check needs no second process.
+  False when jaxlib is not installed.
+  """
+  spec = importlib.util.find_spec("jaxlib")
+  if spec is None or not spec.submodule_search_locations:
+    return False
+  name = b"\0" + flag.lstrip("-").encode() + b"\0"
+  for location in spec.submodule_search_locations:
+    for path in glob.glob(os.path.join(location, "*.so")):
+      try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+          if data.find(name) != -1:
+            return True
+      except (OSError, ValueError):  # unreadable or empty
+        continue
+  return False
