@@ -302,6 +302,22 @@ def _hours(seconds: float) -> str:
   return f"{seconds / 3600:.2f} h"
 
 
+def _seed_cost(study: dict) -> str:
+  """What one seed of one corpus cost here: the figure a choice of seed count rests on."""
+  per_seed = []
+  for corpus in study["corpora"].values():
+    for seed in study["seeds"]:
+      runs = [r for r in corpus["runs"].values() if r["seed"] == seed]
+      if len(runs) == len(study["modes"]) + ("none" in {r["mode"] for r in runs}) and all(
+          r.get("wall_time_s") for r in runs if r["mode"] != "none"):
+        per_seed.append(sum((r.get("wall_time_s") or 0.0) + sum(
+            f.get("wall_time_s") or 0.0 for f in r["finetune"].values()) for r in runs))
+  if not per_seed:
+    return ""
+  return (f" A finished seed of one corpus took {_hours(float(np.median(per_seed)))} here "
+          f"(median of {len(per_seed)}), every mode's pre-training and every row's fine-tuning.")
+
+
 def run_time(study: dict) -> dict:
   """Seconds of pre-training and fine-tuning the study's runs recorded, over every corpus and
   every invocation (a run's pre-training time sums the invocations that trained it)."""
@@ -363,7 +379,7 @@ def _setup(study: dict, out_path: str) -> list[str]:
       "fine-tuned the same way |",
       f"| seeds | {', '.join(str(s) for s in study['seeds'])}: seed s sets the pre-training "
       "initialisation and data order and the fine-tuning seed of every row, which is what "
-      "pairs the rows |"]
+      f"pairs the rows.{_seed_cost(study)} |"]
   planned = study.get("corpora_planned", list(study["corpora"]))
   rows_per_corpus = len(study["modes"]) + (1 if study.get("baseline", True) else 0)
   expected = len(planned) * len(study["seeds"]) * rows_per_corpus
