@@ -310,8 +310,7 @@ def _seed_cost(study: dict) -> str:
       runs = [r for r in corpus["runs"].values() if r["seed"] == seed]
       if len(runs) == len(study["modes"]) + ("none" in {r["mode"] for r in runs}) and all(
           r.get("wall_time_s") for r in runs if r["mode"] != "none"):
-        per_seed.append(sum((r.get("wall_time_s") or 0.0) + sum(
-            f.get("wall_time_s") or 0.0 for f in r["finetune"].values()) for r in runs))
+        per_seed.append(sum(sum(_run_seconds(r)) for r in runs))
   if not per_seed:
     return ""
   return (f" A finished seed of one corpus took {_hours(float(np.median(per_seed)))} here "
@@ -324,9 +323,16 @@ def run_time(study: dict) -> dict:
   total = {"pretrain": 0.0, "finetune": 0.0}
   for corpus in study["corpora"].values():
     for run in corpus["runs"].values():
-      total["pretrain"] += run.get("wall_time_s") or 0.0
-      total["finetune"] += sum(f.get("wall_time_s") or 0.0 for f in run["finetune"].values())
+      pretrain, finetune = _run_seconds(run)
+      total["pretrain"] += pretrain
+      total["finetune"] += finetune
   return total
+
+
+def _run_seconds(run: dict) -> tuple[float, float]:
+  """A row's recorded pre-training and fine-tuning seconds (0 where none were recorded)."""
+  return (run.get("wall_time_s") or 0.0,
+          sum(f.get("wall_time_s") or 0.0 for f in run["finetune"].values()))
 
 
 def render(study: dict, out_path: str, pngs: dict) -> str:

@@ -216,9 +216,9 @@ class Study:
         self.train.run(config, workdir)
       finally:   # also when stopped: the part it trained counts toward the run
         parts = [*parts, time.time() - start]
-        os.makedirs(workdir, exist_ok=True)
-        with open(timing, "w") as f:
-          json.dump({**recorded, "wall_time_s": sum(parts), "parts_s": parts}, f)
+        if os.path.isdir(workdir):   # a run refused before it began leaves no workdir behind
+          with open(timing, "w") as f:
+            json.dump({**recorded, "wall_time_s": sum(parts), "parts_s": parts}, f)
     wall_time = sum(parts) if parts else None
     records = self.metrics.read_metrics(workdir)
     keys = {k for r in records for k in r if k.startswith("eval_")}
