@@ -220,8 +220,9 @@ def test_gdes_discriminator_update_uses_the_updated_generator_embedding():
 
 @pytest.mark.parametrize("sharing", ["gdes", "es"])
 def test_gradient_accumulation_equals_one_batch(sharing):
-  """With every dropout on (0.1): 1, 2 and 4 micro-batches give the same step, since a row's
-  dropout masks follow its global row, not its place in a micro-batch."""
+  """With every dropout on (0.1): 1 and 4 micro-batches give the same step, since a row's
+  dropout masks follow its global row, not its place in a micro-batch (of the 4, micro-batch i
+  holds rows i and i+4: every row moves, and the padded row 1 shares a micro-batch with row 5)."""
   config = _config(sharing)
   assert config.model.hidden_dropout > 0 and config.model.attention_dropout > 0
   model = RTDModel.from_config(config)
@@ -229,11 +230,9 @@ def test_gradient_accumulation_equals_one_batch(sharing):
   state = meta.unbox(ts.init_state(model, optimizers, config, jax.random.key(0)))
   batch = _batch(pad_from=20)
   one, m1 = jax.jit(ts.make_train_step(model, optimizers, config, TOKENS, 1))(state, batch)
-  for num_micro in (2, 4):
-    many, m = jax.jit(ts.make_train_step(model, optimizers, config, TOKENS, num_micro))(state,
-                                                                                        batch)
-    chex.assert_trees_all_close(m1, m, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(one.params, many.params, rtol=1e-5, atol=1e-6)
+  many, m = jax.jit(ts.make_train_step(model, optimizers, config, TOKENS, 4))(state, batch)
+  chex.assert_trees_all_close(m1, m, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(one.params, many.params, rtol=1e-5, atol=1e-6)
 
 
 def test_micro_batches_draw_different_dropout_masks():
