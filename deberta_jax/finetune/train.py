@@ -50,6 +50,7 @@ from deberta_jax.models.rtd import RTDModel
 from deberta_jax.pretraining import init_from
 from deberta_jax.pretraining import optim
 from deberta_jax.pretraining import train_step as pretrain_step
+from deberta_jax.runtime import dispatch
 from deberta_jax.runtime import distributed
 from deberta_jax.runtime import sharding
 
@@ -474,6 +475,11 @@ class MetricsLog:
       self._file.close()
 
 
+@jax.jit  # one program per step, not one per metric
+def _add_scalars(sums: dict, scalars: dict) -> dict:
+  return jax.tree.map(jnp.add, sums, scalars)
+
+
 def train_epoch(train_fn, state, step: int, epoch: int, train, batches, config, schedule,
                 total_steps: int, log: MetricsLog):
   """One shuffled pass over the training set; logs averages every `log_every_steps` and at the
@@ -481,6 +487,7 @@ def train_epoch(train_fn, state, step: int, epoch: int, train, batches, config, 
   order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
   steps_per_epoch = -(-len(train) // config.batch_size)
   sums, count, timer, timed_from = None, 0, None, step
+  in_flight = dispatch.StepsInFlight(ahead=1)
   for b in range(steps_per_epoch):
     rows = order[b * config.batch_size:(b + 1) * config.batch_size]
     weight = np.ones(config.batch_size, np.float32)
@@ -488,8 +495,9 @@ def train_epoch(train_fn, state, step: int, epoch: int, train, batches, config, 
       weight[len(rows):] = 0
       rows = np.concatenate([rows, np.zeros(config.batch_size - len(rows), rows.dtype)])
     state, scalars = train_fn(state, batches(train, rows, weight))
+    in_flight.dispatched(scalars)
     step += 1
-    sums = scalars if sums is None else jax.tree.map(jnp.add, sums, scalars)
+    sums = scalars if sums is None else _add_scalars(sums, scalars)
     count += 1
     if timer is None:  # the first step includes compilation: time from its end
       jax.block_until_ready(state["step"])

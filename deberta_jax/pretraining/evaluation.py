@@ -43,6 +43,7 @@ from deberta_jax.data import pipeline as pipeline_lib
 from deberta_jax.pretraining import losses
 from deberta_jax.pretraining import masking
 from deberta_jax.pretraining import train_step as ts
+from deberta_jax.runtime import dispatch
 from deberta_jax.runtime import sharding
 
 # Bins: the sign, the 8 exponent bits and this many mantissa bits of a float32 logit.
@@ -177,6 +178,11 @@ def feature_health(t: dict, name: str) -> tuple[float, float]:
   return effective_rank(covariance), float(cosine)
 
 
+@jax.jit  # one program per batch, not one per sum
+def _add_sums(totals: dict, sums: dict) -> dict:
+  return jax.tree.map(jnp.add, totals, sums)
+
+
 def held_out_batch(pipeline, index: int, batch_size: int) -> dict[str, np.ndarray]:
   """This process's rows of held-out batch `index` with their numbers in the held-out stream
   (`row`), which key their masks and samples (corrupt)."""
@@ -235,9 +241,11 @@ class Evaluator:
 
   def __call__(self, params) -> dict[str, float]:
     totals: dict[str, Any] = {}
+    in_flight = dispatch.StepsInFlight(ahead=1)
     for batch in self._batches:
       sums = self._step(params, batch, self._key)
-      totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
+      in_flight.dispatched(sums)
+      totals = sums if not totals else _add_sums(totals, sums)
     t = jax.device_get(totals)
     mlm_count, rtd_count = max(float(t["mlm_count"]), 1.0), max(float(t["rtd_count"]), 1.0)
     rate = float(t["replaced_sum"]) / rtd_count

@@ -30,6 +30,7 @@ from deberta_jax.pretraining import planning
 from deberta_jax.pretraining import samples
 from deberta_jax.pretraining import train_step as ts
 from deberta_jax.runtime import checkpointing
+from deberta_jax.runtime import dispatch
 from deberta_jax.runtime import distributed
 from deberta_jax.runtime import metrics as metrics_lib
 from deberta_jax.runtime import preemption
@@ -186,6 +187,7 @@ def run(config, workdir: str) -> dict:
   if config.stop_after_steps:
     stop_at = min(stop_at, start_step + config.stop_after_steps)
   sums, timer, timed_from, preempted = None, None, start_step, False
+  in_flight = dispatch.StepsInFlight(ahead=1)
   last_logged = {}
   evaluate = make_evaluator(model, config, tokens, pipeline, state_shardings, batch_sharding,
                             plan.per_device_microbatch)
@@ -204,6 +206,7 @@ def run(config, workdir: str) -> dict:
       batch = _global_batch(pipeline.next_batch(), batch_sharding)
       state, step_metrics = train_step(state, batch)
       sums = step_metrics if sums is None else _accumulate(sums, step_metrics)
+      in_flight.dispatched(step_metrics)  # step - 1 has finished: the queue stays one step deep
       if timer is None:  # the first step includes compilation: time from its end
         jax.block_until_ready(state.step)
         timer, timed_from = time.time(), step
@@ -303,6 +306,7 @@ class StepHealth:
     return out
 
 
+@jax.jit  # one program per step, not one per metric
 def _accumulate(sums: dict, step_metrics: dict) -> dict:
   return {k: (jnp.minimum if k == "first_nonfinite_step" else jnp.add)(sums[k], v)
           for k, v in step_metrics.items()}
