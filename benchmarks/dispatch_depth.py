@@ -55,7 +55,8 @@ def main(argv):
   from jax.sharding import NamedSharding, PartitionSpec
   from deberta_jax.runtime import dispatch
 
-  burners = [multiprocessing.Process(target=_burn, args=(os.getpid(),), daemon=True) for _ in range(_BURNERS.value)]
+  burners = [multiprocessing.Process(target=_burn, args=(os.getpid(),), daemon=True)
+             for _ in range(_BURNERS.value)]
   for p in burners:
     p.start()
   mesh = jax.make_mesh((2,), ("devices",))

@@ -25,6 +25,7 @@ from deberta_jax.pretraining import flops
 from deberta_jax.pretraining import planning
 from deberta_jax.pretraining import train
 from deberta_jax.pretraining import train_step as ts
+from deberta_jax.runtime import dispatch
 from deberta_jax.runtime import sharding
 
 _NUM_BATCHES = 4  # distinct synthetic batches cycled through (already on the device)
@@ -84,14 +85,17 @@ def bench_jax(config, batches, steps: int, warmup: int, repeats: int = 1,
   compile_seconds = time.perf_counter() - t0
 
   metrics = None
+  in_flight = dispatch.StepsInFlight(ahead=1)  # queued as the trainer queues them
   for i in range(warmup):
     state, metrics = compiled(state, on_device[i % len(on_device)])
+    in_flight.dispatched(metrics)
   jax.block_until_ready((state, metrics))
   windows = []
   for r in range(repeats):
     t0 = time.perf_counter()
     for i in range(steps):
       state, metrics = compiled(state, on_device[(r * steps + i) % len(on_device)])
+      in_flight.dispatched(metrics)
     jax.block_until_ready((state, metrics))
     windows.append((time.perf_counter() - t0) / steps)
 
