@@ -413,6 +413,19 @@ def _setup(study: dict, out_path: str) -> list[str]:
   return lines
 
 
+def _seeds_note(study: dict, corpus: dict) -> str:
+  """Which seeds this corpus's intervals pair, and the t quantile that makes their width: a
+  part-way corpus has fewer seeds than the study, and a much wider t."""
+  seeds = sorted(set.intersection(*(set(runs_of(corpus, m)) for m in rows(study, corpus)))
+                 if rows(study, corpus) else set())
+  if len(seeds) < 2:
+    return (f"Seeds with every row: {', '.join(map(str, seeds)) or 'none'}; an interval needs "
+            "two.")
+  n = len(seeds)
+  return (f"Seeds with every row: {', '.join(map(str, seeds))}; the intervals below pair "
+          f"them (t(0.975, {n - 1}) = {scipy_stats.t.ppf(0.975, n - 1):.2f}).")
+
+
 def _corpus_sections(study: dict, key: str, png: str | None) -> list[str]:
   corpus = study["corpora"][key]
   modes = study["modes"]
@@ -429,6 +442,8 @@ def _corpus_sections(study: dict, key: str, png: str | None) -> list[str]:
   lines += ["Pre-training per run: " + "; ".join(
       f"{MODE_NAMES[m]} {_minutes(walls[m]['mean']) if walls[m] else '-'}"
       + (f", {speeds[m]['mean']:,.0f} tokens/s" if speeds[m] else "") for m in modes) + ".", ""]
+
+  lines += [_seeds_note(study, corpus), ""]
 
   lines += ["### Figure 2 analogue: the held-out evaluation against steps", ""]
   if png:

@@ -121,8 +121,15 @@ def test_claims_and_margin_on_a_study_built_to_known_answers(tmp_path):
   for needle in ("## Corpus: in-domain", "### Figure 2 analogue", "### Table 1 analogue",
                  "### Table 2 analogue", "| GDES - no pre-training |",
                  "**GDES fine-tunes best (Table 2): contradicted**",
-                 "SST-2 2k: ES - no pre-training +9.", "t(0.975, 2) = 4.30"):
+                 "SST-2 2k: ES - no pre-training +9.", "t(0.975, 2) = 4.30",
+                 "Seeds with every row: 0, 1, 2; the intervals below pair them "
+                 "(t(0.975, 2) = 4.30)."):
     assert needle in page, needle
+  # A corpus part-way through says how few seeds its intervals pair, and their wider t.
+  part_way = report.render({**study, "corpora": {"glue": partial}}, "/tmp/x/gdes_study.md",
+                           {"glue": None})
+  assert ("Seeds with every row: 0, 1; the intervals below pair them (t(0.975, 1) = 12.71)."
+          in part_way)
   # A study where the fine-tuning differences straddle 0 cannot decide the claim.
   for seed, delta in enumerate((0.05, -0.05, 0.01)):
     for spec in ("sst2_2000", "cola_all"):
