@@ -337,7 +337,10 @@ def _run_seconds(run: dict) -> tuple[float, float]:
 
 def render(study: dict, out_path: str, pngs: dict) -> str:
   lines = _setup(study, out_path)
-  for key in study["corpora"]:
+  # The command's corpus order, not the JSON's (written with sorted keys): --render_only gives
+  # the page the study itself wrote.
+  planned = [k for k in study.get("corpora_planned", []) if k in study["corpora"]]
+  for key in planned + [k for k in study["corpora"] if k not in planned]:
     lines += _corpus_sections(study, key, pngs.get(key))
   lines += _reproduce(study, out_path)
   return "\n".join(lines) + "\n"

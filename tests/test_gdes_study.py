@@ -125,6 +125,10 @@ def test_claims_and_margin_on_a_study_built_to_known_answers(tmp_path):
                  "Seeds with every row: 0, 1, 2; the intervals below pair them "
                  "(t(0.975, 2) = 4.30)."):
     assert needle in page, needle
+  # The page keeps the command's corpus order, whatever the order of the JSON it is read from.
+  both = report.render({**study, "corpora": {"embedded": partial, "glue": corpus},
+                        "corpora_planned": ["glue", "embedded"]}, "/tmp/x/gdes_study.md", {})
+  assert both.index("## Corpus: in-domain") < both.index("## Corpus: embedded")
   # A corpus part-way through says how few seeds its intervals pair, and their wider t.
   part_way = report.render({**study, "corpora": {"glue": partial}}, "/tmp/x/gdes_study.md",
                            {"glue": None})
