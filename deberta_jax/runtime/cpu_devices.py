@@ -15,7 +15,7 @@ before jax is imported. On GPU/TPU hosts the flag only shapes the unused CPU bac
 Devices that share the host's cores also wait for each other at every collective of the step.
 XLA:CPU ends the process (SIGABRT) when one device waits longer than its stuck warning plus its
 termination timeout, 20 s + 40 s by default. The split runs that stopped so were deadlocked by
-a loop that queued too many programs (runtime/dispatch.py bounds that now), but on a loaded
+a loop that queued too many programs (runtime/dispatch.py bounds the queue), but on a loaded
 machine (a test suite or a second run beside the training) a device's thread can also be kept
 off the cores for a minute. `relax_collective_timeout` gives XLA ten minutes instead: a stall
 that heals lets the run go on, a deadlock still ends it.
