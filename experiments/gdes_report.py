@@ -302,6 +302,9 @@ def _hours(seconds: float) -> str:
   return f"{seconds / 3600:.2f} h"
 
 
+_SEEDS_WANTED = 5  # the seed count the study asks for where the wall time allows
+
+
 def _seed_cost(study: dict) -> str:
   """What one seed of one corpus cost here: the figure a choice of seed count rests on."""
   per_seed = []
@@ -313,8 +316,17 @@ def _seed_cost(study: dict) -> str:
         per_seed.append(sum(sum(_run_seconds(r)) for r in runs))
   if not per_seed:
     return ""
-  return (f" A finished seed of one corpus took {_hours(float(np.median(per_seed)))} here "
+  median = float(np.median(per_seed))
+  text = (f" A finished seed of one corpus took {_hours(median)} here "
           f"(median of {len(per_seed)}), every mode's pre-training and every row's fine-tuning.")
+  seeds, corpora = len(study["seeds"]), len(study["corpora"])
+  if seeds < _SEEDS_WANTED:
+    where = "the corpus" if corpora == 1 else f"the {corpora} corpora"
+    text += (f" {_SEEDS_WANTED} seeds of {where} would take about "
+             f"{_hours(_SEEDS_WANTED * corpora * median)} here against "
+             f"{_hours(seeds * corpora * median)} for {seeds}, hence {seeds}; fewer seeds widen "
+             f"the intervals (a larger t quantile).")
+  return text
 
 
 def run_time(study: dict) -> dict:
