@@ -475,11 +475,6 @@ class MetricsLog:
       self._file.close()
 
 
-@jax.jit  # one program per step, not one per metric
-def _add_scalars(sums: dict, scalars: dict) -> dict:
-  return jax.tree.map(jnp.add, sums, scalars)
-
-
 def train_epoch(train_fn, state, step: int, epoch: int, train, batches, config, schedule,
                 total_steps: int, log: MetricsLog):
   """One shuffled pass over the training set; logs averages every `log_every_steps` and at the
@@ -497,7 +492,7 @@ def train_epoch(train_fn, state, step: int, epoch: int, train, batches, config, 
     state, scalars = train_fn(state, batches(train, rows, weight))
     in_flight.dispatched(scalars)
     step += 1
-    sums = scalars if sums is None else _add_scalars(sums, scalars)
+    sums = scalars if sums is None else dispatch.add_trees(sums, scalars)
     count += 1
     if timer is None:  # the first step includes compilation: time from its end
       jax.block_until_ready(state["step"])

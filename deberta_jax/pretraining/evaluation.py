@@ -178,11 +178,6 @@ def feature_health(t: dict, name: str) -> tuple[float, float]:
   return effective_rank(covariance), float(cosine)
 
 
-@jax.jit  # one program per batch, not one per sum
-def _add_sums(totals: dict, sums: dict) -> dict:
-  return jax.tree.map(jnp.add, totals, sums)
-
-
 def held_out_batch(pipeline, index: int, batch_size: int) -> dict[str, np.ndarray]:
   """This process's rows of held-out batch `index` with their numbers in the held-out stream
   (`row`), which key their masks and samples (corrupt)."""
@@ -245,7 +240,7 @@ class Evaluator:
     for batch in self._batches:
       sums = self._step(params, batch, self._key)
       in_flight.dispatched(sums)
-      totals = sums if not totals else _add_sums(totals, sums)
+      totals = sums if not totals else dispatch.add_trees(totals, sums)
     t = jax.device_get(totals)
     mlm_count, rtd_count = max(float(t["mlm_count"]), 1.0), max(float(t["rtd_count"]), 1.0)
     rate = float(t["replaced_sum"]) / rtd_count
