@@ -3,6 +3,8 @@
   python -m deberta_jax.analyze embeddings --workdir=DIR [--step=N] [--sample_fraction=0.1]
       [--seed=0]
 
+  python -m deberta_jax.analyze heldout --workdir=DIR [--step=N] [--num_batches=0]
+
 DIR may be local or gs:// (workdir.load reads both).
 
 `embeddings` computes the paper's Table 1 metric: the average cosine similarity over every pair of
@@ -19,6 +21,15 @@ zero norm (e.g. E_delta of a piece that never occurred in training) have no dire
 left out of that table's average; how many rows were used is reported. The all-pairs mean is
 exact and costs O(nH): with unit rows u_i, the mean of the off-diagonal entries of the Gram matrix
 is (||sum_i u_i||^2 - n) / (n (n - 1)).
+
+`heldout` runs the run's held-out evaluation (pretraining/evaluation.py: losses, AUC and the
+discriminator's feature health) on a checkpoint, over `num_batches` held-out batches; 0, the
+default, reads every whole batch the held-out shards hold. The evaluation during training reads
+`config.eval.num_batches` (8 in configs/tiny.py: 256 rows), which keeps it cheap but measures the
+effective rank from a sample covariance of 256 rows in H dimensions: a few rows per dimension
+spread the sample spectrum, which lowers its entropy. Reading the whole held-out set gives the
+number with less of that bias; with the run's own `num_batches` it repeats the logged
+evaluation exactly (each row is masked and sampled with a key of its own number).
 
 The last line printed is one JSON object with every number, for scripts.
 """
@@ -49,6 +60,8 @@ def _define_flags() -> None:
   _FLAGS["sample_fraction"] = flags.DEFINE_float("sample_fraction", 0.1,
                                                  "Fraction of the vocabulary sampled.")
   _FLAGS["seed"] = flags.DEFINE_integer("seed", 0, "Seed of the vocabulary sample.")
+  _FLAGS["num_batches"] = flags.DEFINE_integer(
+      "num_batches", 0, "heldout: held-out batches to evaluate (0: every whole batch held out).")
 
 NUM_SPECIAL = 4   # [PAD] [CLS] [SEP] [UNK] are ids 0..3
 
@@ -146,15 +159,68 @@ def format_table(result: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def heldout_report(workdir: str, step: int | None = None, num_batches: int = 0) -> dict:
+  """The held-out evaluation of checkpoint `step` (default: the newest) of a pre-training
+  workdir over `num_batches` batches of the run's evaluation batch size (0: all whole batches).
+
+  Reads the run's own data (its config.json names the corpus and cache) and runs on this
+  machine's devices with the run's mesh settings; the numbers do not depend on the mesh.
+  """
+  # Imported here: the embedding analysis needs none of the training stack.
+  import jax  # pylint: disable=import-outside-toplevel
+  from deberta_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from deberta_jax.data import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining import evaluation  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining import train  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining import train_step as ts  # pylint: disable=import-outside-toplevel
+  from deberta_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
+
+  if num_batches < 0:
+    raise errors.BadInput(f"num_batches={num_batches} must be >= 0 (0: every held-out batch)")
+  config, model, params, restored = workdir_lib.load(workdir, step)
+  if not int(config.eval.every_steps):
+    raise errors.BadInput(f"{workdir} was trained with config.eval.every_steps=0: it holds no "
+                          "rows out, so there is no held-out set to evaluate on")
+  pipeline = pipeline_lib.make_pipeline(config)
+  batch_size = pipeline_lib.eval_batch_size(config)
+  whole = pipeline.holdout_rows // batch_size
+  if not whole:
+    raise errors.BadInput(f"the {pipeline.holdout_rows} held-out rows of {workdir} make no "
+                          f"whole evaluation batch of {batch_size}")
+  config.eval.num_batches = num_batches or whole
+  mesh = sharding.make_mesh(config)
+  config_lib.check_eval_batch(config, sharding.data_parallel_size(mesh), 1)
+  tok = pipeline.tokenizer
+  tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
+  shardings = train.state_shardings(model, ts.make_optimizers(config), config, mesh).params
+  batch_sharding = sharding.batch_sharding(mesh)
+  evaluate = evaluation.Evaluator(
+      model, config, tokens, pipeline, shardings, batch_sharding,
+      lambda local: train.global_batch(local, batch_sharding))
+  metrics = evaluate(jax.device_put(params, shardings))
+  return {"workdir": workdir, "step": restored, "num_batches": int(config.eval.num_batches),
+          "rows": int(config.eval.num_batches) * batch_size,
+          "holdout_rows": int(pipeline.holdout_rows), **metrics}
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] != "embeddings":
-    raise cli.app.UsageError("usage: python -m deberta_jax.analyze embeddings --workdir=DIR "
-                         "[--step=N] [--sample_fraction=0.1] [--seed=0]")
+  command = argv[1] if len(argv) == 2 else ""
+  if command not in ("embeddings", "heldout"):
+    raise cli.app.UsageError(
+        "usage: python -m deberta_jax.analyze embeddings --workdir=DIR [--step=N] "
+        "[--sample_fraction=0.1] [--seed=0]\n"
+        "       python -m deberta_jax.analyze heldout --workdir=DIR [--step=N] [--num_batches=0]")
   if not _FLAGS["workdir"].value:
     raise cli.app.UsageError("--workdir is required")
-  result = analyze_embeddings(_FLAGS["workdir"].value, _FLAGS["step"].value,
-                              _FLAGS["sample_fraction"].value, _FLAGS["seed"].value)
-  print(format_table(result))
+  if command == "heldout":
+    result = heldout_report(_FLAGS["workdir"].value, _FLAGS["step"].value,
+                            _FLAGS["num_batches"].value)
+    print(f"step {result['step']}, {result['rows']} of {result['holdout_rows']} held-out rows: " +
+          " ".join(f"{k}={v:.4g}" for k, v in result.items() if k.startswith("eval_")))
+  else:
+    result = analyze_embeddings(_FLAGS["workdir"].value, _FLAGS["step"].value,
+                                _FLAGS["sample_fraction"].value, _FLAGS["seed"].value)
+    print(format_table(result))
   print(json.dumps(result, sort_keys=True))
 
 

@@ -1,5 +1,6 @@
 """The Table 1 embedding analysis: the all-pairs mean against brute force and known geometries,
-E_G / E_D / E_delta for every sharing mode from hand-built trees, and the CLI on a workdir."""
+E_G / E_D / E_delta for every sharing mode from hand-built trees, and the CLI on a workdir; the
+held-out evaluation of a trained run's checkpoint."""
 
 import json
 import os
@@ -14,12 +15,15 @@ import pytest
 from configs import tiny
 from deberta_jax import workdir as workdir_lib
 from deberta_jax import analyze
+from deberta_jax import errors
 from deberta_jax.runtime import checkpointing
 from deberta_jax import config as config_lib
 from deberta_jax.runtime import sharding
 from deberta_jax.pretraining import train
 from deberta_jax.pretraining import train_step as ts
 from deberta_jax.models.rtd import DELTA, RTDModel
+from deberta_jax.runtime import metrics
+from tests.overrides import apply_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,3 +170,50 @@ def test_cli_prints_a_table_and_a_json_line(gdes_workdir, tmp_path):
   assert set(result) >= {"E_G", "E_D", "E_delta", "step", "workdir", "rows_used"}
   bad = _cli("embeddings", f"--workdir={tmp_path}")
   assert bad.returncode == 2 and "not a pre-training workdir" in bad.stderr.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- held-out evaluation
+
+def _trained_run(cache_dir, path, every_steps=1):
+  """One real training step of the tiny config on the embedded corpus, evaluated on 2 batches."""
+  config = apply_overrides(tiny.get_config(), {
+      "data.cache_dir": cache_dir, "mesh.num_devices": 1, "num_train_steps": 1,
+      "optim.warmup_steps": 10, "eval.every_steps": every_steps, "eval.num_batches": 2,
+      "ckpt.async_save": False, "log.every_steps": 1})
+  train.run(config, path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(cache_dir, tmp_path_factory):
+  return _trained_run(cache_dir, str(tmp_path_factory.mktemp("heldout") / "run"))
+
+
+def test_heldout_repeats_the_logged_evaluation_and_reads_more(trained_workdir):
+  logged = [r for r in metrics.read_metrics(trained_workdir) if "eval_rtd_auc" in r][-1]
+  again = analyze.heldout_report(trained_workdir, num_batches=2)
+  assert again["step"] == logged["step"] == 1 and again["rows"] == 2 * 32
+  evals = sorted(k for k in logged if k.startswith("eval_"))
+  assert "eval_disc_effective_rank" in evals
+  chex.assert_trees_all_close({k: again[k] for k in evals}, {k: logged[k] for k in evals},
+                              rtol=1e-6)
+
+  every = analyze.heldout_report(trained_workdir)  # 0: every whole held-out batch
+  assert every["num_batches"] == every["holdout_rows"] // 32 > 2
+  assert every["rows"] == 32 * every["num_batches"]
+  assert every["eval_disc_effective_rank"] != again["eval_disc_effective_rank"]
+  assert 1.0 <= every["eval_disc_effective_rank"] <= tiny.get_config().model.hidden_size
+
+
+def test_heldout_cli_and_its_refusals(trained_workdir, cache_dir, tmp_path):
+  proc = _cli("heldout", f"--workdir={trained_workdir}", "--num_batches=1")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["rows"] == 32 and "eval_disc_effective_rank" in result
+  assert proc.stdout.startswith("step 1, 32 of ")
+
+  negative = _cli("heldout", f"--workdir={trained_workdir}", "--num_batches=-1")
+  assert negative.returncode == 2 and "num_batches=-1" in negative.stderr.strip().splitlines()[-1]
+  no_holdout = _trained_run(cache_dir, str(tmp_path / "no_eval"), every_steps=0)
+  with pytest.raises(errors.BadInput, match="eval.every_steps=0"):
+    analyze.heldout_report(no_holdout)

@@ -95,7 +95,7 @@ def _evaluator(config, per_device_microbatch=0):
   batch_sharding = sharding.batch_sharding(mesh)
   chunking = {"per_device_microbatch": per_device_microbatch} if per_device_microbatch else {}
   evaluate = evaluation.Evaluator(model, config, tokens, pipeline, shardings.params,
-                                  batch_sharding, lambda b: train._global_batch(b, batch_sharding),  # pylint: disable=protected-access
+                                  batch_sharding, lambda b: train.global_batch(b, batch_sharding),
                                   **chunking)
   return evaluate, state.params
 
