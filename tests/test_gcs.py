@@ -148,7 +148,8 @@ def test_tfds_data_dir_on_gcs(gcs_dir, local_corpus, tmp_path):
 def test_training_with_workdir_data_and_compilation_cache_on_gcs(gcs_dir, local_corpus):
   """The trainer with everything on gs://: prepared data, workdir (orbax checkpoints through
   tensorstore, metrics, TensorBoard events) and the XLA compilation cache; a second invocation
-  resumes from the gs:// checkpoint and loads its step program from the gs:// cache."""
+  resumes from the gs:// checkpoint and loads its step program from the gs:// cache; `analyze
+  heldout` re-evaluates the gs:// checkpoint."""
   corpus_dir, spm = local_corpus
   _upload(corpus_dir, f"{gcs_dir}/corpus")
   data = ["--config.data.source=prepared", f"--config.data.prepared_dir={gcs_dir}/prepared",
@@ -184,3 +185,15 @@ def test_training_with_workdir_data_and_compilation_cache_on_gcs(gcs_dir, local_
   assert "eval_mlm_loss" in metrics[0] and "eval_mlm_loss" in metrics[-1]
   assert json.loads(fs.cat_file(f"{workdir}/checkpoints/2/meta/metadata"))["data"][
       "dataset_fingerprint"] == shards.read_manifest(f"{gcs_dir}/prepared")["fingerprint"]
+
+  # The held-out evaluation of the gs:// checkpoint, read back by `analyze heldout`, is the
+  # run's last logged one.
+  heldout = subprocess.run(
+      [sys.executable, "-m", "deberta_jax.analyze", "heldout", f"--workdir={workdir}",
+       "--num_batches=8"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+      env=dict(os.environ, XLA_FLAGS=""))
+  assert heldout.returncode == 0, heldout.stderr[-3000:]
+  again = json.loads(heldout.stdout.strip().splitlines()[-1])
+  assert again["step"] == 3 and again["workdir"] == workdir
+  logged = {k: v for k, v in metrics[-1].items() if k.startswith("eval_")}
+  chex.assert_trees_all_close({k: again[k] for k in logged}, logged, rtol=1e-6)
