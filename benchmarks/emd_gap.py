@@ -38,7 +38,7 @@ def main() -> None:
   config = ml_collections.ConfigDict(config)
   pipeline = pipeline_lib.make_pipeline(config)
   tok = pipeline.tokenizer
-  tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
+  tokens = ts.SpecialTokens.of(tok)
   with tempfile.TemporaryDirectory() as out:
     hf_dir = export.export(args.workdir, out)["generator"]
     torch_model = transformers.DebertaV2ForMaskedLM.from_pretrained(hf_dir).eval()

@@ -170,7 +170,6 @@ def heldout_report(workdir: str, step: int | None = None, num_batches: int = 0) 
   import jax  # pylint: disable=import-outside-toplevel
   from deberta_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from deberta_jax.data import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
-  from deberta_jax.pretraining import evaluation  # pylint: disable=import-outside-toplevel
   from deberta_jax.pretraining import train  # pylint: disable=import-outside-toplevel
   from deberta_jax.pretraining import train_step as ts  # pylint: disable=import-outside-toplevel
   from deberta_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
@@ -190,14 +189,10 @@ def heldout_report(workdir: str, step: int | None = None, num_batches: int = 0) 
   config.eval.num_batches = num_batches or whole
   mesh = sharding.make_mesh(config)
   config_lib.check_eval_batch(config, sharding.data_parallel_size(mesh), 1)
-  tok = pipeline.tokenizer
-  tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
-  shardings = train.state_shardings(model, ts.make_optimizers(config), config, mesh).params
-  batch_sharding = sharding.batch_sharding(mesh)
-  evaluate = evaluation.Evaluator(
-      model, config, tokens, pipeline, shardings, batch_sharding,
-      lambda local: train.global_batch(local, batch_sharding))
-  metrics = evaluate(jax.device_put(params, shardings))
+  shardings = train.state_shardings(model, ts.make_optimizers(config), config, mesh)
+  evaluate = train.make_evaluator(model, config, ts.SpecialTokens.of(pipeline.tokenizer),
+                                  pipeline, shardings, sharding.batch_sharding(mesh), 0)
+  metrics = evaluate(jax.device_put(params, shardings.params))
   return {"workdir": workdir, "step": restored, "num_batches": int(config.eval.num_batches),
           "rows": int(config.eval.num_batches) * batch_size,
           "holdout_rows": int(pipeline.holdout_rows), **metrics}

@@ -89,13 +89,13 @@ def _evaluator(config, per_device_microbatch=0):
   mesh = sharding.make_mesh(config)
   pipeline = pipeline_lib.make_pipeline(config)
   tok = pipeline.tokenizer
-  tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
+  tokens = ts.SpecialTokens.of(tok)
   model = RTDModel.from_config(config)
   state, shardings = train.create_state(model, ts.make_optimizers(config), config, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   chunking = {"per_device_microbatch": per_device_microbatch} if per_device_microbatch else {}
   evaluate = evaluation.Evaluator(model, config, tokens, pipeline, shardings.params,
-                                  batch_sharding, lambda b: train.global_batch(b, batch_sharding),
+                                  batch_sharding, lambda b: train._global_batch(b, batch_sharding),  # pylint: disable=protected-access
                                   **chunking)
   return evaluate, state.params
 

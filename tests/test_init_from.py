@@ -118,7 +118,7 @@ def test_start_from_release_then_export_equals_the_release(cache_dir, tmp_path, 
   model = RTDModel.from_config(config)
   pipeline = pipeline_lib.make_pipeline(config)
   tok = pipeline.tokenizer
-  tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
+  tokens = ts.SpecialTokens.of(tok)
   host = init_from.host_copy(meta.unbox(model.init(jax.random.key(0), config.seq_len)))
   params, _ = init_from.initial_params(config, model, host)
   total, count = 0.0, 0.0

@@ -27,8 +27,7 @@ def _text(tokenizer, ids) -> str:
 def describe(model, params, tokenizer, batch: dict, config, seed: int = 0) -> list[str]:
   """Lines describing both networks on the rows of `batch` (host arrays; a few rows)."""
   params = jax.device_get(params)
-  tokens = ts.SpecialTokens(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id,
-                            tokenizer.unk_id, tokenizer.mask_id)
+  tokens = ts.SpecialTokens.of(tokenizer)
   ids = jnp.asarray(batch["input_ids"])
   attention = jnp.asarray(batch["attention_mask"])
   k_mask, k_sample = jax.random.split(jax.random.key(seed))

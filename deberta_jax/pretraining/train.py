@@ -92,7 +92,7 @@ def make_evaluator(model, config, tokens, pipeline, state_shardings, batch_shard
   if not int(config.eval.every_steps):
     return None
   return evaluation.Evaluator(model, config, tokens, pipeline, state_shardings.params,
-                              batch_sharding, lambda b: global_batch(b, batch_sharding),
+                              batch_sharding, lambda b: _global_batch(b, batch_sharding),
                               per_device_microbatch=per_device_microbatch)
 
 
@@ -135,7 +135,7 @@ def run(config, workdir: str) -> dict:
     pipeline = pipeline_lib.make_pipeline(config, jax.process_index(), jax.process_count())
     check_hosts_read_one_dataset(pipeline.fingerprint)
     tok = pipeline.tokenizer
-    tokens = ts.SpecialTokens(tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id, tok.mask_id)
+    tokens = ts.SpecialTokens.of(tok)
     setup_stop.check("data preparation")
 
     # --- 3. Model, optimizers and state (restored when the workdir has a checkpoint).
@@ -203,7 +203,7 @@ def run(config, workdir: str) -> dict:
 
   try:
     for step in range(start_step + 1, stop_at + 1):
-      batch = global_batch(pipeline.next_batch(), batch_sharding)
+      batch = _global_batch(pipeline.next_batch(), batch_sharding)
       state, step_metrics = train_step(state, batch)
       sums = step_metrics if sums is None else _accumulate(sums, step_metrics)
       in_flight.dispatched(step_metrics)  # step - 1 has finished: the queue stays one step deep
@@ -377,7 +377,7 @@ def _schedules(config):
                                        config.optim.end_learning_rate) for lr in (gen_lr, disc_lr)]
 
 
-def global_batch(local: dict, batch_sharding) -> dict:
+def _global_batch(local: dict, batch_sharding) -> dict:
   """Host-local numpy rows -> one global jax.Array per field (each host passes only its rows)."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
           for k, v in local.items()}

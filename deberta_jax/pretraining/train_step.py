@@ -44,6 +44,12 @@ class SpecialTokens(NamedTuple):
   unk_id: int
   mask_id: int
 
+  @classmethod
+  def of(cls, tokenizer) -> "SpecialTokens":
+    """The ids of a tokenizer (data/spm.Tokenizer) that masking and sampling treat specially."""
+    return cls(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.unk_id,
+               tokenizer.mask_id)
+
   @property
   def never_masked(self) -> tuple[int, ...]:
     return (self.pad_id, self.cls_id, self.sep_id, self.unk_id, self.mask_id)
