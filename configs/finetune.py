@@ -23,6 +23,11 @@ is scored after every epoch and results.json keeps every epoch and the best one.
 proportion because the number of steps depends on the task's size; `warmup_steps` > 0 sets a count
 as in Table 11. Models pre-trained from scratch at small scale (the GDES study) need a much larger
 learning rate (1e-4 .. 1e-3) than these defaults, which are for a fully pre-trained base model.
+Compare a pre-trained init with a random one at more than one rate: pre-training leaves the
+weights several times larger than the init's 0.02 (configs/mini.py: 0.07-0.16), and Adam moves
+each by about the rate per step, so the same rate moves the pre-trained network less. With 2k
+SST-2 examples mini's discriminator is behind a random init at 1e-3 and ahead at 2e-3
+(docs/benchmarks.md, "The fine-tuning rate").
 """
 
 import ml_collections
