@@ -24,24 +24,42 @@ def _text(tokenizer, ids) -> str:
   return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + " ..."
 
 
+def _networks_on(model, tokens, mask_prob: float, temperature: float):
+  """One compiled program for everything `describe` asks of the networks.
+
+  Run op by op, the two networks' forward passes compile each primitive separately, which at the
+  end of a fresh process's run costs several times one jitted program (docs/benchmarks.md, "Test
+  suite"). Jitted, it is one small program, kept by the persistent compilation cache like the step.
+  """
+
+  def compute(params, ids, attention, key):
+    k_mask, k_sample = jax.random.split(key)
+    masked = masking.mask_tokens(k_mask, ids, attention, tokens.never_masked, tokens.mask_id,
+                                 mask_prob)
+    logits = model.generator_logits(params["generator"], masked.input_ids, attention,
+                                    masked.positions, None, deterministic=True)
+    flat = logits.reshape(logits.shape[0], logits.shape[1], -1)
+    top = jax.lax.top_k(flat, 3)[1]
+    sampled = ts.sample_rows(k_sample, jnp.arange(ids.shape[0]), logits, temperature)
+    replaced, is_replaced = masking.replace_tokens(ids, masked.positions, masked.weights, sampled)
+    flagged = model.discriminator_logits(params, replaced, attention, None,
+                                         deterministic=True) > 0
+    return masked, top, replaced, is_replaced, flagged
+
+  return jax.jit(compute)
+
+
 def describe(model, params, tokenizer, batch: dict, config, seed: int = 0) -> list[str]:
   """Lines describing both networks on the rows of `batch` (host arrays; a few rows)."""
   params = jax.device_get(params)
   tokens = ts.SpecialTokens.of(tokenizer)
   ids = jnp.asarray(batch["input_ids"])
   attention = jnp.asarray(batch["attention_mask"])
-  k_mask, k_sample = jax.random.split(jax.random.key(seed))
-  masked = masking.mask_tokens(k_mask, ids, attention, tokens.never_masked, tokens.mask_id,
-                               float(config.rtd.mask_prob))
-  logits = model.generator_logits(params["generator"], masked.input_ids, attention,
-                                  masked.positions, None, deterministic=True)
-  flat = np.asarray(logits).reshape(logits.shape[0], logits.shape[1], -1)
-  top = np.argsort(-flat, axis=-1)[..., :3]
-  sampled = ts.sample_rows(k_sample, jnp.arange(ids.shape[0]), logits,
-                           float(config.rtd.temperature))
-  replaced, is_replaced = masking.replace_tokens(ids, masked.positions, masked.weights, sampled)
-  flagged = np.asarray(model.discriminator_logits(params, replaced, attention, None,
-                                                  deterministic=True)) > 0
+  compute = _networks_on(model, tokens, float(config.rtd.mask_prob),
+                         float(config.rtd.temperature))
+  masked, top, replaced, is_replaced, flagged = jax.device_get(
+      compute(params, ids, attention, jax.random.key(seed)))
+  top, flagged = np.asarray(top), np.asarray(flagged)
   ids, replaced, is_replaced = np.asarray(ids), np.asarray(replaced), np.asarray(is_replaced)
   attention = np.asarray(attention).astype(bool)
   positions, weights = np.asarray(masked.positions), np.asarray(masked.weights)
