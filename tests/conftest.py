@@ -44,12 +44,13 @@ def compiled_programs_are_reused(tmp_path_factory):
   jax.config.update("jax_compilation_cache_dir", before)
 
 
-# The test files by their share of the suite's time (seconds in a `.ci/run` on 2 busy cores,
-# summed from --junitxml), longest first. CI runs xdist workers that take one file at a time
-# (--dist loadfile), in this order (pytest_configure turns off xdist's own order, most tests
-# first, which started test_train.py last and left a worker idle for minutes): the long files
-# start at once and the short ones fill in at the end, so the workers finish together. A file
-# missing here goes last, where a long one holds up the end: add new files by their time.
+# The test files by their share of the suite's time (seconds of `pytest -n 2` on 2 cores, summed
+# per file from --junitxml, with one compilation cache per worker), longest first. CI runs xdist
+# workers that take one file at a time (--dist loadfile), in this order (pytest_configure turns
+# off xdist's own order, most tests first, which started test_train.py last and left a worker
+# idle for minutes): the long files start at once and the short ones fill in at the end, so the
+# workers finish together. A file missing here goes last, where a long one holds up the end: add
+# new files by their time.
 LONGEST_FIRST = ("test_train.py",           # ~314 s
                  "test_reliability.py",     # ~283
                  "test_sharding.py",        # ~154
