@@ -148,7 +148,10 @@ def base_config() -> ml_collections.ConfigDict:
   # `num_batches` fixed batches of it, dropout off (eval_* in metrics.jsonl, TensorBoard, console).
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 5000              # 0 = no evaluation and no held-out rows
-  c.eval.num_batches = 10                # batches per evaluation
+  # Batches per evaluation; 0 = every whole batch the held-out rows make (their count is known
+  # only once the corpus is prepared), which small models want: the effective rank below is
+  # measured from a sample covariance, and a few rows per feature dimension bias it low.
+  c.eval.num_batches = 10
   c.eval.batch_size = 0                  # sequences per evaluation batch (0 = global_batch_size)
   # Whole shards (parts of the corpus) are held out, never rows of a trained-on shard: at least
   # one, until this fraction of the dataset's rows; evaluation batches wrap around them.

@@ -124,7 +124,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"it; only source={' or '.join(map(repr, sources))} does "
              f"(--config.data.source={sources[0]})")
   _require(config.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = off)")
-  _require(config.eval.num_batches >= 1, "eval.num_batches", "must be >= 1")
+  _require(config.eval.num_batches >= 0, "eval.num_batches",
+           "must be >= 0 (0 = every whole batch of the held-out rows)")
   _require(config.eval.batch_size >= 0, "eval.batch_size", "must be >= 0 (0 = global batch)")
   _require(config.eval.min_effective_rank >= 0, "eval.min_effective_rank",
            "must be >= 0 (0 = no warning)")

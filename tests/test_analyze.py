@@ -217,3 +217,57 @@ def test_heldout_cli_and_its_refusals(trained_workdir, cache_dir, tmp_path):
   no_holdout = _trained_run(cache_dir, str(tmp_path / "no_eval"), every_steps=0)
   with pytest.raises(errors.BadInput, match="eval.every_steps=0"):
     analyze.heldout_report(no_holdout)
+  with pytest.raises(errors.BadInput, match="eval.every_steps=0"):
+    analyze.layers_report(no_holdout)
+  with pytest.raises(errors.BadInput, match="num_batches=-2"):
+    analyze.layers_report(trained_workdir, num_batches=-2)
+
+
+# ------------------------------------------------------------------ the features layer by layer
+
+def test_spread_and_top_components_of_known_geometries():
+  rng = np.random.default_rng(0)
+  verdict = rng.normal(size=4000)
+  # Variance 9 along e0 (the verdict itself), 1 along e1 (unrelated), nothing elsewhere: shares
+  # 0.9 and 0.1, effective rank exp(-(0.9 ln 0.9 + 0.1 ln 0.1)).
+  x = np.zeros((4000, 8))
+  x[:, 0] = 3.0 * (verdict - verdict.mean()) / verdict.std()
+  other = rng.normal(size=4000)
+  other -= other.mean() + np.polyfit(verdict, other, 1)[0] * (verdict - verdict.mean())
+  x[:, 1] = other / other.std()
+  x += 5.0  # an offset common to every row moves the cosine, not the spectrum
+  got = analyze.spread(x)
+  assert got["effective_rank"] == pytest.approx(np.exp(-(0.9 * np.log(0.9) + 0.1 * np.log(0.1))),
+                                                rel=1e-6)
+  assert got["top_share"] == pytest.approx(0.9, rel=1e-6)
+  assert got["mean_cosine"] > 0.9
+  first, second = analyze.top_components(x, -verdict, count=2)
+  assert first["share"] == pytest.approx(0.9, rel=1e-6)
+  assert first["abs_corr_with_mean_logit"] == pytest.approx(1.0, abs=1e-9)
+  assert second["abs_corr_with_mean_logit"] < 1e-6
+  isotropic = analyze.spread(rng.normal(size=(20000, 8)))
+  assert isotropic["effective_rank"] > 7.9 and isotropic["top_share"] < 0.14
+  assert abs(isotropic["mean_cosine"]) < 0.01
+
+
+def test_layers_end_at_the_logged_features_and_the_cli_prints_them(trained_workdir):
+  """The last stage is the evaluation's feature health over the same rows; the CLI prints a table
+  of every stage and a JSON line."""
+  logged = [r for r in metrics.read_metrics(trained_workdir) if "eval_rtd_auc" in r][-1]
+  proc = _cli("layers", f"--workdir={trained_workdir}", "--num_batches=2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.strip().splitlines()
+  print("\n".join(lines))
+  result = json.loads(lines[-1])
+  layers = tiny.get_config().model.num_layers
+  assert [s["stage"] for s in result["stages"]] == ["embeddings"] + [
+      f"layer {i}" for i in range(1, layers + 1)]
+  assert result["rows"] == 64 and any(line.startswith("| layer 2 |") for line in lines)
+  last = result["stages"][-1]
+  assert last["effective_rank"] == pytest.approx(logged["eval_disc_effective_rank"], rel=1e-5)
+  assert last["mean_cosine"] == pytest.approx(logged["eval_disc_mean_cosine"], rel=1e-5)
+  shares = [c["share"] for c in result["last_layer_components"]]
+  assert shares[0] == pytest.approx(last["top_share"], rel=1e-6)
+  assert shares == sorted(shares, reverse=True) and sum(shares) <= 1.0 + 1e-9
+  assert all(0.0 <= c["abs_corr_with_mean_logit"] <= 1.0
+             for c in result["last_layer_components"])

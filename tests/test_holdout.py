@@ -140,6 +140,16 @@ def test_evaluation_does_not_depend_on_the_mesh_or_the_chunks(cache_dir):
                               {k: v for k, v in second.items() if k not in health}, rtol=2e-5)
 
 
+def test_num_batches_0_reads_every_whole_held_out_batch(cache_dir):
+  """eval.num_batches=0: the logged evaluation covers the whole held-out shard, the rows
+  `analyze heldout` reads by default, so the feature spectrum comes from as many rows as there are."""
+  config = tiny_config(cache_dir, **{"eval.batch_size": 32, "eval.num_batches": 0})
+  evaluate, _ = _evaluator(config)
+  holdout_rows = pipeline_lib.make_pipeline(config).holdout_rows
+  assert evaluate.num_batches == holdout_rows // 32 > 8
+  assert len(evaluate._batches) == evaluate.num_batches  # pylint: disable=protected-access
+
+
 def test_a_misfit_eval_batch_is_refused_before_compiling(cache_dir, tmp_path):
   config = tiny_config(cache_dir, **{"mesh.num_devices": 8, "eval.batch_size": 12})
   workdir = tmp_path / "run"

@@ -293,6 +293,7 @@ def test_two_stage_has_separate_optimizer_states():
     ("data.source", "web", "data.source"),
     ("model.dtype", "float16", "loss scaling"),
     ("dry_run_devices", 8, "config.dry_run"),
+    ("eval.num_batches", -1, "eval.num_batches"),
 ])
 def test_config_validation_names_the_field(field, value, needle):
   with pytest.raises(config_lib.ConfigError, match=needle.replace(".", r"\.")):

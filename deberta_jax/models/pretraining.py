@@ -79,3 +79,15 @@ class Discriminator(nn.Module):
     hidden, _ = self.encoder(x, attention.pair_mask(attention_mask), deterministic, rows=rows)
     logits = self.mask_predictions(hidden)
     return (logits, hidden) if with_features else logits
+
+  def hidden_states(self, input_ids, attention_mask, word_embeddings=None):
+    """(logits [B, L], [embedding output, layer 1, ..., layer N], each [B, L, H]), dropout off:
+    where along the depth the features lose their spread (analyze.py `layers`). The layers run
+    one by one, the unscanned form of the same computation."""
+    x, _, _ = self.embeddings(input_ids, attention_mask, True, word_embeddings)
+    mask = attention.pair_mask(attention_mask)
+    rel_table = self.encoder.relative_table()
+    states = [x]
+    for layer in self.encoder.layer:
+      states.append(layer(states[-1], states[-1], rel_table, mask, True))
+    return self.mask_predictions(states[-1]), states

@@ -208,8 +208,9 @@ class Evaluator:
 
   def __init__(self, model, config, tokens: ts.SpecialTokens, pipeline, param_shardings,
                batch_sharding, make_global_batch, per_device_microbatch: int = 0):
-    self.num_batches = int(config.eval.num_batches)
     self.batch_size = pipeline_lib.eval_batch_size(config)
+    self.num_batches = (int(config.eval.num_batches) or
+                        max(1, pipeline.holdout_rows // self.batch_size))
     mesh = batch_sharding.mesh
     chunks = num_chunks(self.batch_size // sharding.data_parallel_size(mesh),
                         per_device_microbatch)
