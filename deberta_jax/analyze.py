@@ -198,6 +198,7 @@ def layers_report(workdir: str, step: int | None = None, num_batches: int = 0) -
   local device, one held-out batch at a time."""
   import jax  # pylint: disable=import-outside-toplevel
   from deberta_jax.models import Discriminator  # pylint: disable=import-outside-toplevel
+  from deberta_jax.pretraining.evaluation import mean_pool  # pylint: disable=import-outside-toplevel
 
   config, model, params, restored = workdir_lib.load(workdir, step)
   pipeline, batch_size, num_batches = _held_out(workdir, config, num_batches)
@@ -206,11 +207,8 @@ def layers_report(workdir: str, step: int | None = None, num_batches: int = 0) -
     logits, states = model.discriminator.apply(
         {"params": params["discriminator"]}, input_ids, attention_mask,
         model.discriminator_table(params), method=Discriminator.hidden_states)
-    weights = attention_mask.astype(np.float32)
-    count = weights.sum(axis=1)
-    pooled = [(s.astype(np.float32) * weights[..., None]).sum(axis=1) / count[:, None]
-              for s in states]
-    return pooled, (logits.astype(np.float32) * weights).sum(axis=1) / count
+    return ([mean_pool(s, attention_mask) for s in states],
+            mean_pool(logits, attention_mask))
 
   forward = jax.jit(forward)
   params = jax.device_put(params)

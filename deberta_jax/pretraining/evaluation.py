@@ -140,14 +140,20 @@ def make_eval_step(model, config, tokens: ts.SpecialTokens):
   return eval_step
 
 
+def mean_pool(values: jax.Array, attention: jax.Array) -> jax.Array:
+  """[B, L, ...] -> [B, ...] float32: the mean over each row's non-pad tokens (0 for a row of
+  padding only)."""
+  weights = attention.astype(jnp.float32).reshape(attention.shape + (1,) * (values.ndim - 2))
+  return (values.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+
+
 def feature_sums(hidden: jax.Array, attention: jax.Array) -> dict[str, jax.Array]:
   """Sums over the rows of the discriminator's last-layer features, mean-pooled over non-pad
   tokens ('disc') and at [CLS] ('cls'): sum, sum of outer products and sum of unit vectors, from
   which `feature_health` gets the PCA spectrum and the mean cosine of the whole evaluation
   without gathering rows across hosts (H x H floats per kind: 4 MB at hidden 1024)."""
   hidden = hidden.astype(jnp.float32)
-  weights = attention.astype(jnp.float32)[..., None]
-  pooled = (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+  pooled = mean_pool(hidden, attention)
   out = {"feature_rows": jnp.asarray(hidden.shape[0], jnp.float32)}
   for name, x in (("disc", pooled), ("cls", hidden[:, 0])):
     unit = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
