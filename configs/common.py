@@ -158,7 +158,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.holdout_fraction = 0.001
   # A warning when the discriminator's features collapse: the effective rank of its mean-pooled
   # last layer below this (collapsed tiny runs measured 1.5-2.4, their random init 42-47;
-  # 0 = no warning).
+  # 0 = no warning). It comes at every evaluation below it; a rank back above it gets a line
+  # saying so, which tells an early dip from a collapse that lasts.
   c.eval.min_effective_rank = 5.0
 
   c.ckpt = ml_collections.ConfigDict()

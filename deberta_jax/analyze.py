@@ -292,7 +292,7 @@ def heldout_report(workdir: str, step: int | None = None, num_batches: int = 0) 
   shardings = train.state_shardings(model, ts.make_optimizers(config), config, mesh)
   evaluate = train.make_evaluator(model, config, ts.SpecialTokens.of(pipeline.tokenizer),
                                   pipeline, shardings, sharding.batch_sharding(mesh), 0)
-  metrics = evaluate(jax.device_put(params, shardings.params))
+  metrics = evaluate(jax.device_put(params, shardings.params), restored)
   return {"workdir": workdir, "step": restored, "num_batches": int(config.eval.num_batches),
           "rows": int(config.eval.num_batches) * batch_size,
           "holdout_rows": int(pipeline.holdout_rows), **metrics}

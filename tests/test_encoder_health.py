@@ -1,6 +1,8 @@
 """The encoder-health metrics of the held-out evaluation: effective rank and mean cosine of the
 discriminator's features, from sums that add up across batches and hosts."""
 
+import logging
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -47,3 +49,35 @@ def test_effective_rank_bounds():
   chex.assert_trees_all_close(evaluation.effective_rank(np.eye(8)), 8.0, rtol=1e-6)
   chex.assert_trees_all_close(evaluation.effective_rank(np.diag([1.0] + [0.0] * 7)), 1.0)
   assert evaluation.effective_rank(np.zeros((4, 4))) == 0.0
+
+
+def _watch_lines(caplog, threshold, ranks):
+  """The collapse watch's log lines over evaluations at steps 500, 1000, ... of `ranks`."""
+  watch = evaluation.CollapseWatch(threshold)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    for i, rank in enumerate(ranks):
+      watch(rank, 0.9, 64, step=500 * (i + 1))
+  return [(r.levelno, r.getMessage()) for r in caplog.records
+          if "discriminator's features" in r.getMessage()]
+
+
+def test_collapse_watch_warns_at_each_low_evaluation(caplog):
+  lines = _watch_lines(caplog, 5.0, [1.4, 3.2, 1.7])
+  assert [level for level, _ in lines] == [logging.WARNING] * 3
+  assert "collapsing at step 500: effective rank 1.4 of 64 dimensions" in lines[0][1]
+  assert "min_effective_rank=5" in lines[0][1] and "in a row" not in lines[0][1]
+  assert lines[2][1].endswith("3 evaluations in a row")
+
+
+def test_collapse_watch_says_when_a_dip_recovers(caplog):
+  lines = _watch_lines(caplog, 5.0, [4.1, 5.7, 6.2, 4.8, 4.9, 7.0])
+  assert [level for level, _ in lines] == [logging.WARNING, logging.INFO, logging.WARNING,
+                                           logging.WARNING, logging.INFO]
+  assert "recovered at step 1000: effective rank 5.7" in lines[1][1]
+  assert lines[1][1].endswith("after 1 evaluation(s) below it since step 500")
+  assert lines[4][1].endswith("after 2 evaluation(s) below it since step 2000")
+
+
+def test_collapse_watch_is_silent_above_the_threshold_or_when_off(caplog):
+  assert not _watch_lines(caplog, 5.0, [25.0, 7.9, 5.0])
+  assert not _watch_lines(caplog, 0.0, [1.0, 0.5])

@@ -12,6 +12,7 @@ import fsspec
 import ml_collections
 import pytest
 
+from configs import tiny
 from deberta_jax.data import DataError
 from deberta_jax.data import corpus as corpus_lib
 from deberta_jax.data import pipeline as pipeline_lib
@@ -186,11 +187,11 @@ def test_training_with_workdir_data_and_compilation_cache_on_gcs(gcs_dir, local_
   assert json.loads(fs.cat_file(f"{workdir}/checkpoints/2/meta/metadata"))["data"][
       "dataset_fingerprint"] == shards.read_manifest(f"{gcs_dir}/prepared")["fingerprint"]
 
-  # The held-out evaluation of the gs:// checkpoint, read back by `analyze heldout`, is the
-  # run's last logged one.
+  # The held-out evaluation of the gs:// checkpoint, read back by `analyze heldout` over as many
+  # batches as the run evaluates, is the run's last logged one.
   heldout = subprocess.run(
       [sys.executable, "-m", "deberta_jax.analyze", "heldout", f"--workdir={workdir}",
-       "--num_batches=8"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+       f"--num_batches={tiny.get_config().eval.num_batches}"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
       env=dict(os.environ, XLA_FLAGS=""))
   assert heldout.returncode == 0, heldout.stderr[-3000:]
   again = json.loads(heldout.stdout.strip().splitlines()[-1])

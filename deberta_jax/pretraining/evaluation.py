@@ -184,6 +184,46 @@ def feature_health(t: dict, name: str) -> tuple[float, float]:
   return effective_rank(covariance), float(cosine)
 
 
+class CollapseWatch:
+  """The log's word on the discriminator's features at each evaluation: a warning at every
+  evaluation whose effective rank is below `threshold` (config.eval.min_effective_rank; 0 turns
+  it off), and one line when the rank is back above it.
+
+  Why the second line: one low evaluation does not tell a dip from a collapse. Early in training
+  the rank can fall and recover (configs/tiny.py is below 5 at step 500 and above it again by step
+  1000), while a collapsed run stays low at every later evaluation and warns at each. The recovery
+  line closes a dip in the log, so a warning that no such line follows still stands. A resumed
+  run starts without the word of the evaluations before it.
+  """
+
+  def __init__(self, threshold: float):
+    self.threshold = float(threshold)
+    self.low_evaluations = 0    # evaluations in a row below the threshold, up to the last one
+    self._low_since = None      # the step of the first of them, when known
+
+  def __call__(self, rank: float, cosine: float, dimensions: int, step: int | None = None):
+    if self.threshold <= 0:
+      return
+    at = "" if step is None else f" at step {step}"
+    if rank < self.threshold:
+      if not self.low_evaluations:
+        self._low_since = step
+      self.low_evaluations += 1
+      in_a_row = (f"; {self.low_evaluations} evaluations in a row"
+                  if self.low_evaluations > 1 else "")
+      logging.warning(
+          "The discriminator's features are collapsing%s: effective rank %.1f of %d dimensions "
+          "(mean cosine between rows %.2f), below config.eval.min_effective_rank=%g%s",
+          at, rank, dimensions, cosine, self.threshold, in_a_row)
+    elif self.low_evaluations:
+      since = "" if self._low_since is None else f" since step {self._low_since}"
+      logging.info(
+          "The discriminator's features recovered%s: effective rank %.1f, above "
+          "config.eval.min_effective_rank=%g again after %d evaluation(s) below it%s",
+          at, rank, self.threshold, self.low_evaluations, since)
+      self.low_evaluations, self._low_since = 0, None
+
+
 def held_out_batch(pipeline, index: int, batch_size: int) -> dict[str, np.ndarray]:
   """This process's rows of held-out batch `index` with their numbers in the held-out stream
   (`row`), which key their masks and samples (corrupt)."""
@@ -232,7 +272,7 @@ class Evaluator:
         self._batches.append(make_global_batch(
             {k: np.array_split(v, chunks)[chunk] for k, v in local.items()}))
     self._key = eval_key(config.seed)
-    self.min_effective_rank = float(config.eval.get("min_effective_rank", 0.0))
+    self.collapse_watch = CollapseWatch(config.eval.get("min_effective_rank", 0.0))
     # Every host reads all evaluated rows once (a few thousand at most) for the baseline.
     every_row = pipeline.rows.read(pipeline.holdout_indices(min(wanted, pipeline.holdout_rows)))
     self.unigram_entropy = unigram_entropy(every_row, tokens.never_masked)
@@ -241,7 +281,8 @@ class Evaluator:
                 in_shardings=(param_shardings, batch_sharding, None),
                 out_shardings=sharding.replicated(mesh)), mesh)
 
-  def __call__(self, params) -> dict[str, float]:
+  def __call__(self, params, step: int | None = None) -> dict[str, float]:
+    """The scalars of one evaluation; `step` names it in the collapse watch's lines."""
     totals: dict[str, Any] = {}
     in_flight = dispatch.StepsInFlight(ahead=1)
     for batch in self._batches:
@@ -256,12 +297,8 @@ class Evaluator:
     for name, prefix in (("disc", "eval_disc"), ("cls", "eval_disc_cls")):
       rank, cosine = feature_health(t, name)
       health[f"{prefix}_effective_rank"], health[f"{prefix}_mean_cosine"] = rank, cosine
-    if health["eval_disc_effective_rank"] < self.min_effective_rank:
-      logging.warning(
-          "The discriminator's features are collapsing: effective rank %.1f of %d dimensions "
-          "(mean cosine between rows %.2f), below config.eval.min_effective_rank=%g",
-          health["eval_disc_effective_rank"], len(t["disc_sum"]),
-          health["eval_disc_mean_cosine"], self.min_effective_rank)
+    self.collapse_watch(health["eval_disc_effective_rank"], health["eval_disc_mean_cosine"],
+                        len(t["disc_sum"]), step)
     return {
         "eval_mlm_loss": float(t["mlm_loss_sum"]) / mlm_count,
         "eval_mlm_accuracy": float(t["mlm_correct"]) / mlm_count,

@@ -193,7 +193,7 @@ def run(config, workdir: str) -> dict:
                             plan.per_device_microbatch)
   eval_every = int(config.eval.every_steps)
   if evaluate is not None and start_step == 0:  # where a run (or a released model) starts from
-    writer.write(0, evaluate(state.params))
+    writer.write(0, evaluate(state.params, 0))
 
   def save(step, force):
     meta = {"data": pipeline.state(), "step": step,
@@ -227,14 +227,14 @@ def run(config, workdir: str) -> dict:
           scalars["tokens_per_second"] = tokens_per_step * (step - timed_from) / (
               time.time() - timer)
         if eval_now:
-          scalars.update(evaluate(state.params))
+          scalars.update(evaluate(state.params, step))
         writer.write(step, scalars)
         last_logged = scalars
         health.reset()
         timer, timed_from = time.time(), step
       elif eval_now:
         eval_start = time.time()
-        writer.write(step, evaluate(state.params))
+        writer.write(step, evaluate(state.params, step))
         timer += time.time() - eval_start  # tokens/s counts training time only
       if periodic or preempted or timed_now:
         save(step, force=step == stop_at or preempted or timed_now)
