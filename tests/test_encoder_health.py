@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deberta_jax.pretraining import evaluation
+from deberta_jax.runtime import metrics
 
 
 def _by_hand(x):
@@ -81,3 +82,29 @@ def test_collapse_watch_says_when_a_dip_recovers(caplog):
 def test_collapse_watch_is_silent_above_the_threshold_or_when_off(caplog):
   assert not _watch_lines(caplog, 5.0, [25.0, 7.9, 5.0])
   assert not _watch_lines(caplog, 0.0, [1.0, 0.5])
+
+
+def test_a_resumed_collapse_watch_closes_a_dip_logged_before_the_restart(caplog):
+  """Evaluations logged up to the restored step carry over: a stretch below the threshold they
+  end with is counted on, and the first evaluation above it gets the recovery line."""
+  logged = [{"step": 0, "eval_disc_effective_rank": 27.0}, {"step": 100, "mlm_loss": 5.0},
+            {"step": 500, "eval_disc_effective_rank": 4.4},
+            {"step": 1000, "eval_disc_effective_rank": 3.9},
+            {"step": 1500, "eval_disc_effective_rank": 1.0}]  # past the restart: not taken up
+  watch = evaluation.CollapseWatch(5.0)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    watch.resume(logged, start_step=1000)
+    assert watch.low_evaluations == 2 and not caplog.records  # taken up silently
+    watch(6.1, 0.9, 64, step=1500)
+  (line,) = [r.getMessage() for r in caplog.records]
+  assert line.endswith("after 2 evaluation(s) below it since step 500")
+  fresh = evaluation.CollapseWatch(5.0)
+  fresh.resume([{"step": 500, "eval_disc_effective_rank": 4.4},
+                {"step": 1000, "eval_disc_effective_rank": 5.9}], start_step=1000)
+  assert fresh.low_evaluations == 0  # the dip had closed before the restart
+
+
+def test_logged_records_of_a_workdir_without_metrics_is_empty(tmp_path):
+  assert metrics.logged_records(str(tmp_path)) == []
+  (tmp_path / metrics.METRICS_FILE).write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+  assert metrics.logged_records(str(tmp_path)) == []  # damaged: the run goes on without them

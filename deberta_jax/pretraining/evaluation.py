@@ -193,7 +193,8 @@ class CollapseWatch:
   the rank can fall and recover (configs/tiny.py is below 5 at step 500 and above it again by step
   1000), while a collapsed run stays low at every later evaluation and warns at each. The recovery
   line closes a dip in the log, so a warning that no such line follows still stands. A resumed
-  run starts without the word of the evaluations before it.
+  run picks up the evaluations logged before it (`resume`), so a dip that spans a preemption is
+  still closed.
   """
 
   def __init__(self, threshold: float):
@@ -201,27 +202,42 @@ class CollapseWatch:
     self.low_evaluations = 0    # evaluations in a row below the threshold, up to the last one
     self._low_since = None      # the step of the first of them, when known
 
-  def __call__(self, rank: float, cosine: float, dimensions: int, step: int | None = None):
-    if self.threshold <= 0:
-      return
-    at = "" if step is None else f" at step {step}"
+  def resume(self, records, start_step: int) -> None:
+    """Takes up the evaluations a run logged up to `start_step` (metrics.jsonl records), silently:
+    the stretch below the threshold they end with, if any, continues in the resumed run."""
+    logged = sorted((int(r["step"]), float(r["eval_disc_effective_rank"])) for r in records
+                    if "eval_disc_effective_rank" in r and int(r["step"]) <= start_step)
+    for step, rank in logged:
+      self._count(rank, step)
+
+  def _count(self, rank: float, step: int | None) -> bool:
+    """Updates the stretch below the threshold; True if `rank` is below it."""
     if rank < self.threshold:
       if not self.low_evaluations:
         self._low_since = step
       self.low_evaluations += 1
+      return True
+    self.low_evaluations, self._low_since = 0, None
+    return False
+
+  def __call__(self, rank: float, cosine: float, dimensions: int, step: int | None = None):
+    if self.threshold <= 0:
+      return
+    at = "" if step is None else f" at step {step}"
+    low_before, low_since = self.low_evaluations, self._low_since
+    if self._count(rank, step):
       in_a_row = (f"; {self.low_evaluations} evaluations in a row"
                   if self.low_evaluations > 1 else "")
       logging.warning(
           "The discriminator's features are collapsing%s: effective rank %.1f of %d dimensions "
           "(mean cosine between rows %.2f), below config.eval.min_effective_rank=%g%s",
           at, rank, dimensions, cosine, self.threshold, in_a_row)
-    elif self.low_evaluations:
-      since = "" if self._low_since is None else f" since step {self._low_since}"
+    elif low_before:
+      since = "" if low_since is None else f" since step {low_since}"
       logging.info(
           "The discriminator's features recovered%s: effective rank %.1f, above "
           "config.eval.min_effective_rank=%g again after %d evaluation(s) below it%s",
-          at, rank, self.threshold, self.low_evaluations, since)
-      self.low_evaluations, self._low_since = 0, None
+          at, rank, self.threshold, low_before, since)
 
 
 def held_out_batch(pipeline, index: int, batch_size: int) -> dict[str, np.ndarray]:

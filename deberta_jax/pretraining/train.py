@@ -192,6 +192,8 @@ def run(config, workdir: str) -> dict:
   evaluate = make_evaluator(model, config, tokens, pipeline, state_shardings, batch_sharding,
                             plan.per_device_microbatch)
   eval_every = int(config.eval.every_steps)
+  if evaluate is not None and start_step > 0:  # a dip in the features that spans the restart
+    evaluate.collapse_watch.resume(metrics_lib.logged_records(workdir), start_step)
   if evaluate is not None and start_step == 0:  # where a run (or a released model) starts from
     writer.write(0, evaluate(state.params, 0))
 

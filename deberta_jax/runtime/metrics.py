@@ -322,6 +322,19 @@ def _duration(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def logged_records(workdir: str) -> list[dict]:
+  """`read_metrics` for a run that must go on whatever the file holds: the records, or none (with
+  a warning) when metrics.jsonl is missing or unreadable, which only costs what they inform."""
+  try:
+    return read_metrics(workdir)
+  except FileNotFoundError:
+    return []
+  except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged file, an outage
+    logging.warning("Could not read the earlier metrics of %s (%s); going on without them",
+                    workdir, e)
+    return []
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """The records of metrics.jsonl (local or gs://), one per step, in step order.
 
