@@ -39,6 +39,7 @@ def test_tiny_pretraining_losses_fall(cache_dir, tmp_path):
   7.6 -> 6.3), so 60 steps show the fall; longer runs only creep along the unigram plateau."""
   workdir = str(tmp_path / "run")
   train.run(tiny_config(cache_dir, num_train_steps=60, **{"eval.every_steps": 30,
+                                                           "eval.num_batches": 8,
                                                            "optim.warmup_steps": 10,
                                                            "log.every_steps": 10}), workdir)
   records = metrics.read_metrics(workdir)
