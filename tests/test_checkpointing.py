@@ -18,12 +18,14 @@ import chex
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from deberta_jax.pretraining import optim
 from deberta_jax.runtime import checkpointing
 from deberta_jax.runtime.checkpointing import CheckpointError, Checkpointer
 
@@ -132,6 +134,28 @@ def test_round_trip(tmp_path, async_save):
   assert (step_dir / "commit_success.txt").exists()
   assert (step_dir / "state").is_dir() and (step_dir / "meta").is_dir()
   assert not [p for p in (tmp_path / "ckpt").iterdir() if TMP_SUFFIX in p.name]
+
+
+def test_a_run_resumes_under_another_gradient_clip(tmp_path):
+  """`--config.optim.clip_norm` may change between a run and its resume (0 = no clip): the
+  optimizer state saved under one setting restores into the other's, unchanged."""
+  params = _make_state(0)["params"]
+  hparams = lambda clip: ml_collections.ConfigDict(
+      {"b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.01, "clip_norm": clip})
+  clipped, _ = optim.make_optimizer(hparams(1.0), 1e-3, 1, 10)
+  unclipped, _ = optim.make_optimizer(hparams(0.0), 1e-3, 1, 10)
+  large = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
+  _, opt_state = clipped.update(large, clipped.init(params), params)
+  # The clip acted: the first moment holds the clipped gradient, not the raw one.
+  assert float(optax.global_norm(opt_state[1][0].mu)) < 0.11  # (1 - b1) x norm 1
+  with Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=1, async_save=False) as ckpt:
+    assert ckpt.save(1, {"opt_state": opt_state}, {"step": 1})
+    target = _same_shardings({"opt_state": unclipped.init(params)})
+    step, restored, _ = ckpt.restore(target)
+  assert step == 1
+  _assert_states_equal(restored, {"opt_state": opt_state})
+  updates, _ = unclipped.update(large, restored["opt_state"], params)
+  chex.assert_tree_all_finite(updates)
 
 
 def test_raw_key_data_and_explicit_step(tmp_path):

@@ -35,12 +35,13 @@ def make_optimizer(hparams, peak_learning_rate: float, warmup_steps: int, total_
   fine-tuning alike; `hparams` has b1, b2, eps, weight_decay and clip_norm (0 = no clipping)."""
   schedule = learning_rate_schedule(peak_learning_rate, warmup_steps, total_steps,
                                     end_learning_rate)
-  parts = []
-  if hparams.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(hparams.clip_norm))
-  parts.append(optax.adamw(schedule, b1=hparams.b1, b2=hparams.b2, eps=hparams.eps,
-                           weight_decay=hparams.weight_decay, mask=decay_mask))
-  return optax.chain(*parts), schedule
+  # identity() in place of the clip keeps the optimizer state's structure the same with and
+  # without clipping, so a run resumes from checkpoints written under another clip_norm.
+  clip = (optax.clip_by_global_norm(hparams.clip_norm) if hparams.clip_norm > 0
+          else optax.identity())
+  adamw = optax.adamw(schedule, b1=hparams.b1, b2=hparams.b2, eps=hparams.eps,
+                      weight_decay=hparams.weight_decay, mask=decay_mask)
+  return optax.chain(clip, adamw), schedule
 
 
 def peak_learning_rates(config) -> tuple[float, float]:
